@@ -1,0 +1,40 @@
+"""dlm_decode: fast, pluggable inference for masked diffusion language models."""
+
+from __future__ import annotations
+
+from dlm_decode.api import get_cache, get_policy, get_policy_class, list_plugins
+from dlm_decode.config import DecodeConfig
+from dlm_decode.decoder import Decoder, GenerationResult, PolicyContractError, generate
+from dlm_decode.frechet import frechet_scores
+from dlm_decode.hookspecs import hookimpl
+from dlm_decode.interfaces import Cache, CommitPolicy, CountPolicy, Model, StepState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cache",
+    "CommitPolicy",
+    "CountPolicy",
+    "DecodeConfig",
+    "Decoder",
+    "GenerationResult",
+    "Model",
+    "PolicyContractError",
+    "StepState",
+    "frechet_scores",
+    "generate",
+    "get_cache",
+    "get_policy",
+    "get_policy_class",
+    "hookimpl",
+    "list_plugins",
+    "load_model",
+]
+
+
+def load_model(name_or_path: str, **kwargs):  # noqa: ANN003, ANN201
+    """Load a model by name (``tiny``), local folder or hub id; see
+    [`dlm_decode.models.load_model`][dlm_decode.models.load_model]."""
+    from dlm_decode.models import load_model as _load
+
+    return _load(name_or_path, **kwargs)

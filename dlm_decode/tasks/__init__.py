@@ -1,0 +1,22 @@
+"""Evaluation tasks, registered through the ``register_tasks`` hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dlm_decode.hookspecs import hookimpl
+from dlm_decode.tasks.base import Sample, Task
+
+__all__ = ["Sample", "Task", "register_tasks"]
+
+
+@hookimpl
+def register_tasks(register: Callable[[type], None]) -> None:
+    """Register the built-in tasks."""
+    for cls in _builtin_tasks():
+        register(cls)
+
+
+def _builtin_tasks() -> list[type[Task]]:
+    tasks: list[type[Task]] = []
+    return tasks
