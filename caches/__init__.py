@@ -19,8 +19,14 @@ __all__ = ["DualCache", "NoCache", "PrefixCache", "register_caches"]
 
 
 def _block_logits(
-    ctx: CacheContext, x: torch.Tensor, span_start: int, span_end: int,
-    block_start: int, block_end: int, *, use_kv: bool,
+    ctx: CacheContext,
+    x: torch.Tensor,
+    span_start: int,
+    span_end: int,
+    block_start: int,
+    block_end: int,
+    *,
+    use_kv: bool,
 ) -> torch.Tensor:
     """Forward over ``x[:, span_start:span_end]``; logits for ``[block_start, block_end)``."""
     shift = ctx.model.logits_shift
@@ -45,7 +51,7 @@ class NoCache(Cache):
 
     name: ClassVar[str] = "none"
 
-    def refresh(self, ctx, x, block_start, block_end):  # noqa: D102
+    def refresh(self, ctx, x, block_start, block_end):
         return _block_logits(ctx, x, 0, x.shape[1], block_start, block_end, use_kv=False)
 
     step = refresh
@@ -55,7 +61,7 @@ class _KVCache(Cache):
     def setup(self, ctx: CacheContext, batch_size: int, total_length: int) -> None:
         ctx.kv = ctx.model.new_kv(batch_size, total_length)
 
-    def refresh(self, ctx, x, block_start, block_end):  # noqa: D102
+    def refresh(self, ctx, x, block_start, block_end):
         # One full forward; every position's K/V lands in the buffer.
         return _block_logits(ctx, x, 0, x.shape[1], block_start, block_end, use_kv=True)
 
@@ -70,7 +76,7 @@ class PrefixCache(_KVCache):
 
     name: ClassVar[str] = "prefix"
 
-    def step(self, ctx, x, block_start, block_end):  # noqa: D102
+    def step(self, ctx, x, block_start, block_end):
         s = block_start - ctx.model.logits_shift
         return _block_logits(ctx, x, s, x.shape[1], block_start, block_end, use_kv=True)
 
@@ -84,7 +90,7 @@ class DualCache(_KVCache):
 
     name: ClassVar[str] = "dual"
 
-    def step(self, ctx, x, block_start, block_end):  # noqa: D102
+    def step(self, ctx, x, block_start, block_end):
         s = block_start - ctx.model.logits_shift
         return _block_logits(ctx, x, s, block_end, block_start, block_end, use_kv=True)
 

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-def load_model(name_or_path: str, **kwargs):  # noqa: ANN003, ANN201
+def load_model(name_or_path: str, **kwargs):
     """Load a model by name (``tiny``), local folder or hub id; see
     [`dlm_decode.models.load_model`][dlm_decode.models.load_model]."""
     from dlm_decode.models import load_model as _load

@@ -208,9 +208,7 @@ def propose(
     return x0, torch.exp(top - lse)
 
 
-def _early_stop(
-    x: torch.Tensor, prompt_length: int, mask_id: int, eos: torch.Tensor
-) -> None:
+def _early_stop(x: torch.Tensor, prompt_length: int, mask_id: int, eos: torch.Tensor) -> None:
     """Fill rows that have committed EOS with all earlier positions decided (in place)."""
     gen = x[:, prompt_length:]  # (B, G)
     g = gen.shape[1]
@@ -256,8 +254,8 @@ class Decoder:
             config = DecodeConfig.model_validate(config.model_dump())
         self.model = model
         self.config = config
-        self.policy = policy if policy is not None else get_policy(
-            config.policy, **config.policy_args
+        self.policy = (
+            policy if policy is not None else get_policy(config.policy, **config.policy_args)
         )
         self.cache = cache if cache is not None else get_cache(config.cache, **config.cache_args)
         for need in getattr(self.policy, "requires", ()):

@@ -349,7 +349,7 @@ class Cache(ABC):
         """Versioned registry name, e.g. ``"dual.v1"``."""
         return f"{self.name}.v{self.version}"
 
-    def setup(self, ctx: CacheContext, batch_size: int, total_length: int) -> None:
+    def setup(self, ctx: CacheContext, batch_size: int, total_length: int) -> None:  # noqa: B027
         """Allocate buffers once per decode (default: nothing)."""
 
     @abstractmethod

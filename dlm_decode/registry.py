@@ -186,9 +186,7 @@ class Registry:
                     params = getattr(klass, "Params", None)
                     fields = {}
                     if isinstance(params, type) and issubclass(params, BaseModel):
-                        fields = {
-                            k: f.default for k, f in params.model_fields.items()
-                        }
+                        fields = {k: f.default for k, f in params.model_fields.items()}
                     rows.append(
                         {
                             "kind": kind,

@@ -1,12 +1,38 @@
-"""Built-in model architectures (filled in by the models module)."""
+"""Built-in model architectures and the model loader.
+
+* [`LLaDAModel`][dlm_decode.models.llada.LLaDAModel] (``llada``) and
+  [`DreamModel`][dlm_decode.models.dream.DreamModel] (``dream``): native PyTorch
+  implementations over one shared transformer
+  ([`dlm_decode.models.transformer`][dlm_decode.models.transformer]);
+* [`load_model`][dlm_decode.models.loading.load_model]: ``"tiny"``, a local folder or a hub
+  id, architecture detected through the plugin registry;
+* [`build_model`][dlm_decode.models.loading.build_model]: random weights built on a device;
+* [`dlm_decode.models.testing`][dlm_decode.models.testing]: tiny random checkpoints for tests.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from dlm_decode.hookspecs import hookimpl
+from dlm_decode.models.dream import DreamModel
+from dlm_decode.models.llada import LLaDAModel
+from dlm_decode.models.loading import PRESETS, build_model, load_model
+from dlm_decode.models.transformer import NativeModel
+
+__all__ = [
+    "PRESETS",
+    "DreamModel",
+    "LLaDAModel",
+    "NativeModel",
+    "build_model",
+    "load_model",
+    "register_models",
+]
 
 
 @hookimpl
 def register_models(register: Callable[[type], None]) -> None:
-    """Register the built-in architectures."""
+    """Register the built-in architectures ``llada`` and ``dream``."""
+    register(LLaDAModel)
+    register(DreamModel)

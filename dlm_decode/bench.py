@@ -1,0 +1,614 @@
+"""``dlm-decode bench``: milliseconds per forward (NFE) for every cache × batch × policy.
+
+For each combination the bench decodes seeded random prompts with the fast path
+([`FastDecoder`][dlm_decode.fast.FastDecoder]: static buffers, CUDA graphs on a GPU) and
+reports the median wall time per NFE over the timed repeats (after warm-up), tokens per
+second, NFE, peak memory and the share of step time spent outside the model forward (from
+one extra run with ``profile=True``, which synchronizes around the forwards). With
+``--compare`` the reference path ([`Decoder`][dlm_decode.decoder.Decoder]: eager forwards,
+fresh tensors every step) runs beside it in the same process, and the bench reports the
+speed ratio and whether every fast run committed exactly the reference's sequences.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the measured runs (weights
+included); on CPU the growth of the process's peak resident set (``ru_maxrss``) during
+them, a lower bound (zero when an earlier phase peaked higher). Each row also carries
+``static_bytes``, the weights plus the KV and logits buffers, computed from shapes.
+
+Example:
+    >>> from dlm_decode.cli import main
+    >>> main(["bench", "--arch", "tiny", "--random-weights", "--prompt-length", "32",
+    ...       "--gen-length", "32", "--block-length", "16", "--batch-sizes", "1",
+    ...       "--repeats", "1"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "BIG_ARCHS",
+    "BenchError",
+    "BenchRow",
+    "PolicySpec",
+    "add_arguments",
+    "arch_config",
+    "measure",
+    "parse_policies",
+    "random_prompts",
+    "run",
+]
+
+#: Presets too large to decode on a CPU.
+BIG_ARCHS = ("llada-8b", "dream-7b")
+
+
+class BenchError(ValueError):
+    """A user error of ``bench``: the CLI prints it as one line and exits with 2.
+
+    (A ``ValueError`` rather than ``dlm_decode.cli.CLIError`` so that it is caught even when
+    the CLI runs as ``python -m dlm_decode.cli``, where that module is ``__main__``.)
+    """
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy as the bench names it: ``frechet:margin=0.25`` → name and params."""
+
+    name: str
+    args: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        """``name`` or ``name:k=v,…``."""
+        if not self.args:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.args.items())
+
+
+@dataclass
+class BenchRow:
+    """One cache × batch × policy measurement (``None`` where not measured).
+
+    Attributes:
+        cache: cache name.
+        batch_size: rows decoded together.
+        policy: policy label.
+        ms_per_nfe: fast path, median over repeats of wall time / NFE.
+        ms_per_nfe_runs: fast path, every timed repeat.
+        tokens_per_s: fast path, generated tokens (all rows) per second at the median.
+        nfe: forwards per decode.
+        peak_mem_bytes: see the module docstring (``mem_kind`` in the JSON's ``meta``).
+        static_bytes: weights + KV buffer + logits buffer, from shapes.
+        outside_forward_share: share of step time outside the forward (profiled run).
+        forward_ms_per_nfe: profiled run, forward time per NFE.
+        select_ms_per_nfe: profiled run, time per NFE outside the forward (propose,
+            policy, commit, the step's host sync).
+        graphs: whether the fast path replayed CUDA graphs.
+        slow_ms_per_nfe: reference path (``--compare``), median ms per NFE.
+        slow_tokens_per_s: reference path tokens per second.
+        slow_outside_forward_share: reference path, share outside the forward.
+        speedup: ``slow_ms_per_nfe / ms_per_nfe``.
+        agree: every fast run committed exactly the reference sequences (and NFE).
+    """
+
+    cache: str
+    batch_size: int
+    policy: str
+    ms_per_nfe: float
+    ms_per_nfe_runs: list[float]
+    tokens_per_s: float
+    nfe: int
+    peak_mem_bytes: int
+    static_bytes: int
+    outside_forward_share: float | None
+    forward_ms_per_nfe: float | None
+    select_ms_per_nfe: float | None
+    graphs: bool
+    slow_ms_per_nfe: float | None = None
+    slow_tokens_per_s: float | None = None
+    slow_outside_forward_share: float | None = None
+    speedup: float | None = None
+    agree: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``p``."""
+    src = p.add_argument_group("model")
+    src.add_argument(
+        "--arch",
+        default=None,
+        help="build random weights of a preset on the device: tiny, llada-8b, dream-7b, "
+        "llada-tiny, dream-tiny (default tiny when --model is not given)",
+    )
+    src.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --arch: random weights built on the device (the only mode of --arch)",
+    )
+    src.add_argument("--model", default=None, help="load a checkpoint: tiny, a folder, a hub id")
+    src.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if any)")
+    src.add_argument(
+        "--dtype",
+        default=None,
+        help="bfloat16, float16, float32 (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    src.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
+    p.add_argument("--prompt-length", type=int, default=768)
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated, e.g. 1,8,32")
+    p.add_argument("--caches", default="none,prefix,dual", help="comma-separated cache names")
+    p.add_argument(
+        "--policies",
+        default="frechet",
+        help="space- or semicolon-separated; each NAME or NAME:k=v,k=v "
+        "(e.g. 'frechet:margin=0.25 threshold:threshold=0.9'); frechet defaults to margin=0.25",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed decodes per row (median)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed decodes first (the fast path captures its CUDA graphs on the 2nd)",
+    )
+    p.add_argument("--compare", action="store_true", help="also run the reference Decoder")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiled run")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads during the bench (default 1: small shapes are dispatch-bound "
+        "and extra threads only contend; 0 leaves torch's setting)",
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+
+
+def parse_policies(text: str) -> list[PolicySpec]:
+    """Parse ``"frechet:margin=0.25 threshold:threshold=0.9"`` into :class:`PolicySpec` s.
+
+    Raises:
+        BenchError: an argument without ``=``, or no policy.
+    """
+    from dlm_decode.cli import parse_policy_args
+
+    out = []
+    for item in text.replace(";", " ").split():
+        name, _, rest = item.partition(":")
+        try:
+            args = parse_policy_args([a for a in rest.split(",") if a]) if rest else {}
+        except Exception as exc:  # cli.CLIError, possibly from a second copy of the module
+            raise BenchError(f"--policies {item!r}: {exc}") from None
+        if not args and name in ("frechet", "frechet.v1"):
+            args = {"margin": 0.25}
+        out.append(PolicySpec(name, args))
+    if not out:
+        raise BenchError("--policies is empty; e.g. --policies frechet")
+    return out
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BenchError(f"{what} expects comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise BenchError(f"{what} expects positive integers, got {text!r}")
+    return vals
+
+
+def arch_config(arch: str, total_length: int) -> dict[str, Any]:
+    """The ``config.json`` dict the bench builds for ``--arch``.
+
+    ``tiny`` is the shipped checkpoint's config when ``dlm_decode/assets/tiny`` exists,
+    else the ``llada-tiny`` preset. The maximum length is raised to ``total_length`` when
+    shorter (random weights have no trained length).
+
+    Raises:
+        ValueError: an unknown preset name.
+    """
+    from dlm_decode.models.loading import PRESETS, TINY_FOLDER, read_config
+
+    if arch == "tiny":
+        config = (
+            read_config(TINY_FOLDER)
+            if (TINY_FOLDER / "config.json").is_file()
+            else dict(PRESETS["llada-tiny"])
+        )
+    elif arch in PRESETS:
+        config = dict(PRESETS[arch])
+    else:
+        raise ValueError(f"unknown --arch {arch!r}; use tiny, {', '.join(PRESETS)}")
+    for key in ("max_sequence_length", "max_position_embeddings"):
+        if key in config and int(config[key]) < total_length:
+            config[key] = total_length
+    return config
+
+
+def random_prompts(model: Any, batch_size: int, length: int, seed: int) -> torch.Tensor:
+    """``(B, P)`` seeded random prompt ids on the model's device, never the mask id."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.vocab_size - 1, (batch_size, length), generator=g)  # (B, P)
+    ids += (ids >= model.mask_token_id).long()  # skip the mask id
+    return ids.to(model.device)
+
+
+# --------------------------------------------------------------------------------------
+# measuring
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def measure(
+    decoder: Any,
+    prompts: torch.Tensor,
+    *,
+    warmup: int,
+    repeats: int,
+    profile: bool = True,
+    reference: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Time a decoder on one batch of prompts.
+
+    Args:
+        decoder: a ``Decoder`` or ``FastDecoder``.
+        prompts: ``(B, P)`` ids on the model's device.
+        warmup: untimed decodes first.
+        repeats: timed decodes (at least one).
+        profile: one more decode with ``profile=True`` for the forward/outside split.
+        reference: ``(B, T)`` sequences every run must equal (``agree``).
+
+    Returns:
+        ``ms_per_nfe`` (median), ``ms_per_nfe_runs``, ``wall_s`` (median), ``nfe``,
+        ``peak_mem_bytes``, ``forward_s``/``select_s`` of the profiled run (or ``None``),
+        ``sequences`` (CPU, last run) and ``agree``.
+    """
+    dev = decoder.model.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = _peak_rss_bytes()
+    sequences = []
+    nfes = []
+    walls = []
+    for i in range(warmup + max(1, repeats)):
+        _sync(dev)
+        t0 = time.perf_counter()
+        res = decoder.generate(prompts)
+        _sync(dev)
+        wall = time.perf_counter() - t0
+        sequences.append(res.sequences)
+        nfes.append(res.nfe)
+        if i >= warmup:
+            walls.append(wall)
+    fwd = sel = None
+    if profile:
+        base = decoder.config
+        decoder.config = base.model_copy(update={"profile": True})
+        try:
+            res = decoder.generate(prompts)
+        finally:
+            decoder.config = base
+        fwd, sel = res.timings.get("forward_s"), res.timings.get("select_s")
+        sequences.append(res.sequences)
+        nfes.append(res.nfe)
+    if dev.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(dev))
+    else:
+        peak = max(0, _peak_rss_bytes() - rss0)
+    ref = sequences[0] if reference is None else reference.to(sequences[0].device)
+    agree = all(torch.equal(s, ref) for s in sequences) and len(set(nfes)) == 1
+    nfe = nfes[-1]
+    wall = statistics.median(walls)
+    return {
+        "ms_per_nfe": 1e3 * wall / nfe,
+        "ms_per_nfe_runs": [1e3 * w / nfe for w in walls],
+        "wall_s": wall,
+        "nfe": nfe,
+        "peak_mem_bytes": peak,
+        "forward_s": fwd,
+        "select_s": sel,
+        "sequences": sequences[-1].cpu(),
+        "agree": agree,
+    }
+
+
+def _static_bytes(model: Any, batch: int, total: int, block: int) -> int:
+    weights = 0
+    module = getattr(model, "module", None)
+    if module is not None:
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    spec = getattr(model, "spec", None)
+    kv = 0
+    if spec is not None:
+        kv = 2 * spec.n_layers * batch * spec.n_kv_heads * total * spec.head_dim * itemsize
+    logits = batch * block * model.vocab_size * itemsize
+    return int(weights + kv + logits)
+
+
+def _share(m: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    f, s = m["forward_s"], m["select_s"]
+    if f is None or s is None or f + s <= 0:
+        return None, None, None
+    return s / (f + s), 1e3 * f / m["nfe"], 1e3 * s / m["nfe"]
+
+
+def _empty_cache(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_row(
+    model: Any,
+    cache: str,
+    batch_size: int,
+    policy: PolicySpec,
+    *,
+    prompt_length: int,
+    gen_length: int,
+    block_length: int,
+    warmup: int,
+    repeats: int,
+    compare: bool,
+    profile: bool,
+    seed: int,
+) -> BenchRow:
+    """Measure one cache × batch × policy (the fast path, and the reference on request)."""
+    from dlm_decode.config import DecodeConfig
+    from dlm_decode.decoder import Decoder
+    from dlm_decode.fast import FastDecoder
+
+    dev = model.device
+    cfg = DecodeConfig(
+        policy=policy.name,
+        policy_args=policy.args,
+        cache=cache,
+        gen_length=gen_length,
+        block_length=block_length,
+    )
+    prompts = random_prompts(model, batch_size, prompt_length, seed)
+    slow = None
+    if compare:
+        # The reference first, then freed: at large batches both KV buffers need not fit.
+        slow = measure(
+            Decoder(model, cfg),
+            prompts,
+            warmup=min(warmup, 1),
+            repeats=repeats,
+            profile=profile,
+        )
+        _empty_cache(dev)
+    fast_dec = FastDecoder(model, cfg)
+    fast = measure(
+        fast_dec,
+        prompts,
+        warmup=warmup,
+        repeats=repeats,
+        profile=profile,
+        reference=None if slow is None else slow["sequences"],
+    )
+    stats = dict(fast_dec.stats)
+    fast_dec.release()
+    _empty_cache(dev)
+    share, fwd_ms, sel_ms = _share(fast)
+    total_tokens = batch_size * gen_length
+    row = BenchRow(
+        cache=cache,
+        batch_size=batch_size,
+        policy=policy.label,
+        ms_per_nfe=fast["ms_per_nfe"],
+        ms_per_nfe_runs=fast["ms_per_nfe_runs"],
+        tokens_per_s=total_tokens / fast["wall_s"],
+        nfe=fast["nfe"],
+        peak_mem_bytes=fast["peak_mem_bytes"],
+        static_bytes=_static_bytes(model, batch_size, prompt_length + gen_length, block_length),
+        outside_forward_share=share,
+        forward_ms_per_nfe=fwd_ms,
+        select_ms_per_nfe=sel_ms,
+        graphs=fast_dec.graphs,
+        extra={"fast_stage_runs_last_decode": stats},
+    )
+    if slow is not None:
+        s_share, s_fwd, s_sel = _share(slow)
+        row.slow_ms_per_nfe = slow["ms_per_nfe"]
+        row.slow_tokens_per_s = total_tokens / slow["wall_s"]
+        row.slow_outside_forward_share = s_share
+        row.speedup = slow["ms_per_nfe"] / fast["ms_per_nfe"]
+        row.agree = bool(fast["agree"]) and slow["nfe"] == fast["nfe"]
+        row.extra.update(
+            slow_forward_ms_per_nfe=s_fwd,
+            slow_select_ms_per_nfe=s_sel,
+            slow_peak_mem_bytes=slow["peak_mem_bytes"],
+            slow_ms_per_nfe_runs=slow["ms_per_nfe_runs"],
+        )
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def format_table(rows: Sequence[BenchRow], compare: bool) -> str:
+    """A readable fixed-width table of the rows."""
+    head = (
+        f"{'cache':<7}{'B':>4}  {'policy':<22}{'ms/NFE':>9}{'tok/s':>10}{'NFE':>6}"
+        f"{'peak MiB':>10}{'outside':>9}"
+    )
+    if compare:
+        head += f" | {'ref ms/NFE':>10}{'ref out':>8}{'speedup':>8}  agree"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = (
+            f"{r.cache:<7}{r.batch_size:>4}  {r.policy:<22}{r.ms_per_nfe:>9.3f}"
+            f"{r.tokens_per_s:>10.1f}{r.nfe:>6}{_mib(r.peak_mem_bytes):>10}"
+            f"{_fmt(r.outside_forward_share, '.0%'):>9}"
+        )
+        if compare:
+            line += (
+                f" | {_fmt(r.slow_ms_per_nfe, '.3f'):>10}"
+                f"{_fmt(r.slow_outside_forward_share, '.0%'):>8}"
+                f"{_fmt(r.speedup, '.2f'):>7}x  {r.agree}"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _write_json(path: str | None, meta: dict[str, Any], rows: Sequence[BenchRow]) -> None:
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+
+
+# --------------------------------------------------------------------------------------
+# the command
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def _load_model(args: argparse.Namespace, total: int) -> tuple[Any, str]:
+    if args.model is not None and args.arch is not None:
+        raise BenchError("give either --model (a checkpoint) or --arch (random weights), not both")
+    if args.model is not None:
+        if args.random_weights:
+            raise BenchError("--random-weights goes with --arch; --model loads a checkpoint")
+        from dlm_decode.models import load_model
+
+        return load_model(args.model, device=_device(args.device), dtype=args.dtype), args.model
+    arch = args.arch or "tiny"
+    if arch in BIG_ARCHS:
+        wants_cpu = args.device is not None and not args.device.startswith("cuda")
+        if wants_cpu or not torch.cuda.is_available():
+            raise BenchError(f"{arch} needs a GPU; use --arch tiny on CPU")
+    device = _device(args.device)
+    from dlm_decode.models import build_model
+
+    config = arch_config(arch, total)
+    return build_model(config, device=device, dtype=args.dtype, seed=args.seed), arch
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``dlm-decode bench``; returns the exit code."""
+    from dlm_decode.api import get_cache, get_policy
+    from dlm_decode.config import DecodeConfig
+
+    batches = _int_list(args.batch_sizes, "--batch-sizes")
+    caches = [c for c in args.caches.split(",") if c.strip()]
+    policies = parse_policies(args.policies)
+    if args.prompt_length < 1:
+        raise BenchError("--prompt-length must be at least 1")
+    # Validate names and params before touching a device.
+    for c in caches:
+        get_cache(c)
+    for pol in policies:
+        p = get_policy(pol.name, **pol.args)
+        if p.requires:
+            raise BenchError(
+                f"policy {pol.name!r} needs {'/'.join(p.requires)}; the bench runs policies "
+                f"without a step budget (frechet, threshold, factor, frechet_robust)"
+            )
+    DecodeConfig(gen_length=args.gen_length, block_length=args.block_length)
+    total = args.prompt_length + args.gen_length
+
+    old_threads = torch.get_num_threads()
+    model, source = _load_model(args, total)
+    if model.device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        meta = {
+            "model": source,
+            "random_weights": args.model is None,
+            "device": str(model.device),
+            "device_name": torch.cuda.get_device_name(model.device)
+            if model.device.type == "cuda"
+            else "cpu",
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "prompt_length": args.prompt_length,
+            "gen_length": args.gen_length,
+            "block_length": args.block_length,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "mem_kind": "cuda.max_memory_allocated"
+            if model.device.type == "cuda"
+            else "cpu_peak_rss_growth_lower_bound",
+            "ms_per_nfe": "median over repeats of decode wall time / NFE (forward + selection)",
+        }
+        rows: list[BenchRow] = []
+        for cache in caches:
+            for bsz in batches:
+                for pol in policies:
+                    rows.append(
+                        bench_row(
+                            model,
+                            cache,
+                            bsz,
+                            pol,
+                            prompt_length=args.prompt_length,
+                            gen_length=args.gen_length,
+                            block_length=args.block_length,
+                            warmup=args.warmup,
+                            repeats=args.repeats,
+                            compare=args.compare,
+                            profile=not args.no_profile,
+                            seed=args.seed,
+                        )
+                    )
+                    _write_json(args.json, meta, rows)  # partial results survive a timeout
+    finally:
+        torch.set_num_threads(old_threads)
+    print(
+        f"{source} on {meta['device_name']} ({meta['dtype']}), prompt {args.prompt_length}, "
+        f"gen {args.gen_length}, block {args.block_length}; ms/NFE = median of "
+        f"{max(1, args.repeats)} after {args.warmup} warm-up; 'outside' = share of step time "
+        f"outside the forward; peak = {meta['mem_kind']}"
+    )
+    print(format_table(rows, args.compare))
+    if args.json:
+        print(f"json: {args.json}")
+    if args.compare and not all(r.agree for r in rows):
+        print("dlm-decode: warning: the fast path disagrees with the reference", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,381 @@
+"""The ``dlm-decode`` command line: ``plugins``, ``generate``, ``eval``, ``quickstart``,
+``bench`` and ``ablate``.
+
+Every user error (unknown name, bad parameter, missing file) is one line on stderr and
+exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "parse_policy_args"]
+
+
+class CLIError(Exception):
+    """A user error reported as one line with exit code 2."""
+
+
+def parse_policy_args(items: Sequence[str] | None) -> dict[str, Any]:
+    """Parse ``["margin=0.25", "eta=0.05"]`` into ``{"margin": 0.25, "eta": 0.05}``.
+
+    Values are read as JSON (numbers, booleans, lists) and fall back to plain strings.
+
+    Raises:
+        CLIError: an item without ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--policy-arg expects key=value (e.g. margin=0.25), got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="tiny, a local folder, or a hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if any)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64")
+
+
+def _add_decode_args(p: argparse.ArgumentParser, *, gen: int, block: int) -> None:
+    p.add_argument("--policy", default="frechet", help="commit policy (dlm-decode plugins)")
+    p.add_argument(
+        "--policy-arg", action="append", default=[], metavar="K=V", help="policy parameter"
+    )
+    p.add_argument("--cache", default="dual", help="none, prefix, dual or a plugin's")
+    p.add_argument("--gen-length", type=int, default=gen)
+    p.add_argument("--block-length", type=int, default=block)
+    p.add_argument("--steps", type=int, default=None, help="total steps (needed by fixed)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--early-stop", action="store_true", help="stop rows once they emit EOS")
+
+
+def _decode_config(args: argparse.Namespace, **over: Any):
+    from dlm_decode.config import DecodeConfig
+
+    pargs = parse_policy_args(args.policy_arg)
+    if not pargs and args.policy in ("frechet", "frechet.v1"):
+        pargs = {"margin": 0.25}
+    fields = dict(
+        policy=args.policy,
+        policy_args=pargs,
+        cache=args.cache,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
+        temperature=args.temperature,
+        seed=args.seed,
+        early_stop=args.early_stop,
+    )
+    fields.update(over)
+    cfg = DecodeConfig(**fields)
+    # Resolve plugins now so unknown names/params fail before any model loads.
+    from dlm_decode.api import get_cache, get_policy
+
+    pol = get_policy(cfg.policy, **cfg.policy_args)
+    get_cache(cfg.cache, **cfg.cache_args)
+    for need in pol.requires:
+        if getattr(cfg, need) is None:
+            raise CLIError(
+                f"policy {cfg.policy!r} needs --{need} (e.g. --{need} {cfg.gen_length} for one "
+                f"token per step)"
+            )
+    return cfg
+
+
+def _load(args: argparse.Namespace):
+    from dlm_decode.models import load_model
+
+    return load_model(args.model, device=_device(args.device), dtype=args.dtype)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+# --------------------------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """List registered plugins."""
+    from dlm_decode.api import list_plugins
+
+    rows = list_plugins(args.kind)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'kind':<7} {'key':<20} {'params':<32} {'source':<10} description")
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        if r["requires"]:
+            params = (params + ", " if params else "") + "needs " + "/".join(r["requires"])
+        print(f"{r['kind']:<7} {r['key']:<20} {params:<32} {r['source']:<10} {r['doc']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from one prompt and print text, NFE and tokens/s."""
+    from dlm_decode.decoder import Decoder
+    from dlm_decode.evaluate import encode_prompts
+
+    cfg = _decode_config(args, trace=args.trace)
+    model = _load(args)
+    chat = None if args.chat == "auto" else args.chat == "yes"
+    ids = encode_prompts(model, [args.prompt], chat=chat)
+    res = Decoder(model, cfg).generate(ids)
+    text = res.texts(model.tokenizer)[0]
+    n_tok = int(res.response_lengths()[0])
+    secs = res.timings["total_s"]
+    if args.trace and res.trace:
+        tok = model.tokenizer
+        for st in res.trace:
+            words = tok.convert_ids_to_tokens(st.tokens[0]) if st.tokens[0] else []
+            prof = " ".join(f"{c:.2f}" for c in st.profiles[0][:8])
+            more = " …" if len(st.profiles[0]) > 8 else ""
+            print(
+                f"block {st.block:>2} step {st.step:>2}: commit {st.committed[0]:>2} "
+                f"at {st.positions[0]} {words}  profile [{prof}{more}]"
+            )
+    print(text)
+    print(
+        f"-- {n_tok} tokens, NFE {res.nfe}, {n_tok / secs:.1f} tokens/s, "
+        f"{cfg.policy} {cfg.policy_args} cache={cfg.cache}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate on a task; print the summary (and write rows)."""
+    from dlm_decode.evaluate import evaluate, get_task
+
+    cfg = _decode_config(args)
+    task_kwargs: dict[str, Any] = {}
+    if args.shots is not None:
+        task_kwargs["shots"] = args.shots
+    if args.data is not None:
+        task_kwargs["data_path"] = args.data
+    task = get_task(args.task, **task_kwargs)
+    model = _load(args)
+    out_f = open(args.output, "w") if args.output else None
+    try:
+
+        def on_row(row: dict[str, Any]) -> None:
+            if out_f is not None:
+                out_f.write(json.dumps(row) + "\n")
+                out_f.flush()
+
+        res = evaluate(
+            model, task, cfg, limit=args.limit, batch_size=args.batch_size, on_row=on_row
+        )
+    finally:
+        if out_f is not None:
+            out_f.close()
+    summary = {"task": task.name, "config": cfg.model_dump(), **res.summary}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        s = res.summary
+        print(
+            f"{task.name}: accuracy {s['accuracy']:.3f} (n={s['n']})  "
+            f"tokens/s {s['tokens_per_s']:.1f}  NFE/sample {s['nfe_per_sample']:.1f}  "
+            f"tokens/NFE {s['tokens_per_nfe']:.2f}"
+        )
+        for k, v in s.items():
+            if k.startswith("accuracy_"):
+                print(f"  {k[9:]:<12} {v:.3f}")
+    return 0
+
+
+QUICKSTART_SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("one token per step", "fixed", {}),
+    ("threshold 0.9", "threshold", {"threshold": 0.9}),
+    ("factor 0.75", "factor", {"factor": 0.75}),
+    ("frechet 0.25", "frechet", {"margin": 0.25}),
+]
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Compare the baseline, threshold, factor and Fréchet on the synthetic suite."""
+    from dlm_decode.config import DecodeConfig
+    from dlm_decode.evaluate import evaluate, get_task
+
+    model = _load(args)
+    task = get_task("synthetic")
+    samples = task.samples(args.limit)
+    results = []
+    for label, policy, pargs in QUICKSTART_SETTINGS:
+        cfg = DecodeConfig(
+            policy=policy,
+            policy_args=pargs,
+            cache=args.cache,
+            gen_length=args.gen_length,
+            block_length=args.block_length,
+            steps=args.gen_length if policy == "fixed" else None,
+        )
+        res = evaluate(model, task, cfg, samples=samples, batch_size=args.batch_size)
+        results.append((label, res.summary))
+    base = results[0][1]
+    lines = [
+        f"synthetic held-out, n={base['n']}, model={args.model}, cache={args.cache}, "
+        f"gen_length={args.gen_length}, block_length={args.block_length}",
+        "",
+        "| setting | accuracy | tokens/s | NFE/sample | tokens/NFE | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, s in results:
+        lines.append(
+            f"| {label} | {s['accuracy']:.3f} | {s['tokens_per_s']:.1f} | "
+            f"{s['nfe_per_sample']:.1f} | {s['tokens_per_nfe']:.2f} | "
+            f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x |"
+        )
+    print("\n".join(lines))
+    if args.plot:
+        _quickstart_plot(results, Path(args.plot))
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+def _quickstart_plot(results: list[tuple[str, dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, s in results:
+        ax.scatter(s["tokens_per_s"], s["accuracy"], s=60)
+        ax.annotate(
+            label,
+            (s["tokens_per_s"], s["accuracy"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=9,
+        )
+    ax.set_xlabel("tokens/s (response tokens)")
+    ax.set_ylabel("exact match")
+    ax.set_title("tiny model, synthetic held-out: throughput vs accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dlm-decode``."""
+    p = argparse.ArgumentParser(
+        prog="dlm-decode", description="Fast, pluggable decoding for masked diffusion LMs."
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("plugins", help="list registered policies, caches, models, tasks")
+    sp.add_argument("--kind", choices=["policy", "cache", "model", "task"], default=None)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_plugins)
+
+    sp = sub.add_parser("generate", help="generate from one prompt")
+    _add_model_args(sp)
+    _add_decode_args(sp, gen=64, block=16)
+    sp.add_argument("--trace", action="store_true", help="show what each step committed")
+    sp.add_argument("--chat", choices=["auto", "yes", "no"], default="auto")
+    sp.add_argument("prompt")
+    sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("eval", help="evaluate on a task")
+    _add_model_args(sp)
+    _add_decode_args(sp, gen=64, block=16)
+    sp.add_argument("--task", default="synthetic")
+    sp.add_argument("--shots", type=int, default=None)
+    sp.add_argument("--limit", type=int, default=None)
+    sp.add_argument("--data", default=None, help="local dataset file instead of the hub")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--output", default=None, help="write per-sample rows (JSONL)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("quickstart", help="the main job on the shipped tiny model")
+    _add_model_args(sp)
+    sp.add_argument("--limit", type=int, default=200)
+    sp.add_argument("--cache", default="dual")
+    sp.add_argument("--gen-length", type=int, default=64)
+    sp.add_argument("--block-length", type=int, default=16)
+    sp.add_argument("--batch-size", type=int, default=50)
+    sp.add_argument("--plot", default="quickstart.png", help="PNG path ('' to skip)")
+    sp.set_defaults(func=cmd_quickstart)
+
+    for name, module, helptext in (
+        ("bench", "dlm_decode.bench", "benchmark ms per forward (NFE)"),
+        ("ablate", "dlm_decode.ablate", "run an ablation sweep from a YAML config"),
+    ):
+        try:
+            mod = __import__(module, fromlist=["add_arguments", "run"])
+        except ImportError:
+            continue
+        sp = sub.add_parser(name, help=helptext)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dlm-decode``; returns the exit code."""
+    from pydantic import ValidationError
+
+    from dlm_decode.registry import UnknownPluginError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (
+        CLIError,
+        UnknownPluginError,
+        ValueError,
+        FileNotFoundError,
+        ValidationError,
+        OSError,
+    ) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()
+        if isinstance(exc, ValidationError):
+            msg = [
+                "; ".join(
+                    f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}"
+                    for e in exc.errors()
+                )
+            ]
+        print(f"dlm-decode: error: {msg[0] if msg else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dlm-decode: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

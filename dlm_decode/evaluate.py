@@ -1,0 +1,209 @@
+"""Evaluate a decode configuration on a task: the loop the CLI, quickstart and ablations share.
+
+Throughput counts **response tokens only**: tokens before each row's first EOS. Prompt
+tokens and EOS padding are excluded (counting them inflates tokens/s).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dlm_decode.config import DecodeConfig
+from dlm_decode.decoder import Decoder
+from dlm_decode.interfaces import Model
+from dlm_decode.tasks.base import Sample, Task
+
+__all__ = ["EvalResult", "encode_prompts", "evaluate", "get_task", "summarize"]
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """Instantiate a registered task by name (``synthetic``, ``gsm8k``, …).
+
+    Args:
+        name: the task's registered name, optionally versioned (``gsm8k.v1``).
+        **kwargs: the task's constructor arguments (``shots``, ``data_path``, …).
+    """
+    from dlm_decode.registry import get_registry
+
+    cls = get_registry().resolve("task", name)
+    return cls(**kwargs)
+
+
+def encode_prompts(model: Model, texts: Sequence[str], chat: bool | None = None) -> list[list[int]]:
+    """Tokenize prompt texts for ``model``.
+
+    Args:
+        model: a model with a tokenizer.
+        texts: prompt strings.
+        chat: apply the tokenizer's chat template (one user turn plus the generation
+            prompt); ``None`` → when the tokenizer has a template.
+
+    Returns:
+        One list of token ids per text.
+
+    Raises:
+        ValueError: the model has no tokenizer.
+    """
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(
+            "this model has no tokenizer: pass token ids to generate(), or load a checkpoint "
+            "folder that contains tokenizer.json"
+        )
+    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    out = []
+    for t in texts:
+        if use_chat:
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            out.append(list(ids))
+        else:
+            out.append(tok.encode(t, add_special_tokens=True))
+    return out
+
+
+@dataclass
+class EvalResult:
+    """Per-sample rows and the aggregate of one evaluation.
+
+    Attributes:
+        rows: one dict per sample: id, prompt, completion, extracted, correct, response
+            tokens, NFE, latency (seconds of its batch divided by the batch size), and any
+            task fields (family, …).
+        summary: accuracy, n, tokens/s, NFE total and per sample, tokens per NFE, wall time.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> dict[str, Any]:
+    """Aggregate per-sample rows (also used when resuming from saved rows).
+
+    Args:
+        rows: rows as produced by :func:`evaluate`.
+        wall_s: decode wall time; default the sum of the rows' latencies.
+
+    Returns:
+        ``accuracy``, ``n``, ``tokens_per_s``, ``nfe_total``, ``nfe_per_sample``,
+        ``tokens_per_nfe``, ``wall_s``, and ``accuracy_<group>`` per ``family`` if present.
+    """
+    n = len(rows)
+    if n == 0:
+        return {"n": 0}
+    wall = wall_s if wall_s is not None else sum(r["latency_s"] for r in rows)
+    toks = sum(r["response_tokens"] for r in rows)
+    nfe = sum(r["nfe"] for r in rows)
+    out: dict[str, Any] = {
+        "n": n,
+        "accuracy": sum(bool(r["correct"]) for r in rows) / n,
+        "tokens_per_s": toks / wall if wall > 0 else float("nan"),
+        "nfe_total": nfe,
+        "nfe_per_sample": nfe / n,
+        "tokens_per_nfe": toks / nfe if nfe else float("nan"),
+        "response_tokens": toks,
+        "wall_s": wall,
+    }
+    families = sorted({r["family"] for r in rows if "family" in r})
+    for fam in families:
+        sel = [r for r in rows if r.get("family") == fam]
+        out[f"accuracy_{fam}"] = sum(bool(r["correct"]) for r in sel) / len(sel)
+    return out
+
+
+def _batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def evaluate(
+    model: Model,
+    task: Task,
+    config: DecodeConfig,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    samples: Sequence[Sample] | None = None,
+    progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> EvalResult:
+    """Decode every sample of ``task`` with ``config`` and score it.
+
+    Args:
+        model: the model.
+        task: the task.
+        config: the decode config.
+        limit: evaluate the first ``limit`` samples.
+        batch_size: prompts decoded together (left-padded).
+        samples: explicit samples (e.g. those not yet done when resuming); default
+            ``task.samples(limit)``.
+        progress: show a tqdm progress bar.
+        on_row: called with each finished row (e.g. to append it to a JSONL file at once).
+
+    Returns:
+        An :class:`EvalResult`.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    todo = list(samples) if samples is not None else task.samples(limit)
+    decoder = Decoder(model, config)
+    rows: list[dict[str, Any]] = []
+    wall = 0.0
+    bar = tqdm(total=len(todo), desc=f"{task.name} {config.policy}", disable=not progress)
+    for batch in _batches(todo, batch_size):
+        prompts = encode_prompts(model, [s.prompt for s in batch], chat=_task_chat(task, model))
+        t0 = time.perf_counter()
+        res = decoder.generate(prompts)
+        dt = time.perf_counter() - t0
+        wall += dt
+        texts = res.texts(model.tokenizer)
+        lengths = res.response_lengths().tolist()
+        nfes = res.nfe_per_row.tolist()
+        scores = _score(task, batch, texts)
+        for s, text, n_tok, nfe, scored in zip(batch, texts, lengths, nfes, scores, strict=True):
+            row = {
+                "id": s.id,
+                "prompt": s.prompt,
+                "completion": text,
+                "response_tokens": int(n_tok),
+                "nfe": int(nfe),
+                "latency_s": dt / len(batch),
+                **scored,
+            }
+            row["correct"] = bool(row["correct"])
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        bar.update(len(batch))
+        if rows:
+            bar.set_postfix(acc=f"{sum(r['correct'] for r in rows) / len(rows):.3f}")
+    bar.close()
+    return EvalResult(rows=rows, summary=summarize(rows, wall))
+
+
+def _score(task: Task, batch: Sequence[Sample], texts: Sequence[str]) -> list[dict[str, Any]]:
+    """Score a decoded batch: ``task.score_batch`` when the task has one (code tasks run
+    their programs in parallel), else ``task.score`` per sample."""
+    score_batch = getattr(task, "score_batch", None)
+    if callable(score_batch):
+        scores = list(score_batch(batch, texts))
+        if len(scores) != len(batch):
+            raise RuntimeError(
+                f"{type(task).__name__}.score_batch returned {len(scores)} rows for "
+                f"{len(batch)} samples"
+            )
+        return scores
+    return [task.score(s, t) for s, t in zip(batch, texts, strict=True)]
+
+
+def _task_chat(task: Task, model: Model) -> bool:
+    tok = model.tokenizer
+    return bool(task.chat and tok is not None and getattr(tok, "chat_template", None))

@@ -1,0 +1,85 @@
+"""Dream: the native Dream architecture (``model_type: Dream``).
+
+Qwen2-shaped blocks (q/k/v biases, grouped-query attention, RoPE θ = 10⁶, RMSNorm, SwiGLU)
+with **bidirectional** attention. Dream keeps the autoregressive alignment of its Qwen2
+initialisation: the logit for position ``i`` comes from output row ``i − 1``
+(``logits_shift = 1``). Loads ``Dream-org/Dream-v0-Instruct-7B`` / ``-Base-7B`` as published
+(``model.layers.*`` weights, ``lm_head.weight``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from dlm_decode.models.transformer import ArchSpec, NativeModel, require_key
+
+__all__ = ["DreamModel"]
+
+
+class DreamModel(NativeModel):
+    """Native Dream (bidirectional Qwen2-style mask predictor with shifted logits).
+
+    EOS ids are the config's ``eos_token_id`` (151643, ``<|endoftext|>``) plus the
+    tokenizer's ``<|im_end|>`` (end of a chat turn) when it has one; without a tokenizer a
+    config EOS of 151643 adds ``<|im_end|>`` = 151645. Dream's tokenizer config names a
+    remote-code class (``DreamTokenizer``, a Qwen2 byte-level BPE); it is loaded with
+    transformers' ``Qwen2Tokenizer`` classes instead, with no remote code.
+    """
+
+    name: ClassVar[str] = "dream"
+    config_model_types: ClassVar[tuple[str, ...]] = ("Dream", "dream")
+    logits_shift = 1
+
+    global_names: ClassVar[Mapping[str, str]] = {
+        "embed": "model.embed_tokens",
+        "norm": "model.norm",
+        "head": "lm_head",
+    }
+    layer_prefix: ClassVar[str] = "model.layers.{i}."
+    layer_names: ClassVar[Mapping[str, str]] = {
+        "attn_norm": "input_layernorm",
+        "attn.q": "self_attn.q_proj",
+        "attn.k": "self_attn.k_proj",
+        "attn.v": "self_attn.v_proj",
+        "attn.o": "self_attn.o_proj",
+        "mlp_norm": "post_attention_layernorm",
+        "mlp.gate": "mlp.gate_proj",
+        "mlp.up": "mlp.up_proj",
+        "mlp.down": "mlp.down_proj",
+    }
+    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
+    known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {151643: 151645}
+    tokenizer_fallbacks: ClassVar[tuple[str, ...]] = ("Qwen2TokenizerFast", "Qwen2Tokenizer")
+
+    @classmethod
+    def spec_from_config(cls, config: Mapping[str, Any]) -> ArchSpec:
+        """Read Dream's Qwen2-style ``config.json``.
+
+        Raises:
+            ValueError: a required key is missing, or RoPE scaling / sliding-window
+                attention is requested (not implemented).
+        """
+        arch = "Dream"
+        if config.get("rope_scaling"):
+            raise ValueError(f"{arch}: rope_scaling={config['rope_scaling']!r} is unsupported")
+        if config.get("use_sliding_window"):
+            raise ValueError(f"{arch}: use_sliding_window=true is unsupported")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{arch}: hidden_act={config['hidden_act']!r} is unsupported")
+        n_heads = int(require_key(config, "num_attention_heads", arch))
+        n_kv = config.get("num_key_value_heads")
+        return ArchSpec(
+            d_model=int(require_key(config, "hidden_size", arch)),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv) if n_kv is not None else n_heads,
+            n_layers=int(require_key(config, "num_hidden_layers", arch)),
+            d_ff=int(require_key(config, "intermediate_size", arch)),
+            vocab_size=int(require_key(config, "vocab_size", arch)),
+            max_length=int(config.get("max_position_embeddings", 131072)),
+            rope_theta=float(config.get("rope_theta", 1e6)),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            qkv_bias=True,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_full_precision=False,
+        )

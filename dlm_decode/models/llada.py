@@ -1,0 +1,104 @@
+"""LLaDA: the native LLaDA architecture (``model_type: llada``).
+
+Llama-like blocks with bidirectional attention, RMSNorm, SwiGLU (``ff_proj`` = gate,
+``up_proj`` = up, ``ff_out`` = down), RoPE in full precision, no biases, an untied output
+head. Loads the Hugging Face checkpoint ``GSAI-ML/LLaDA-8B-Instruct`` (and ``-Base``) as
+published: ``config.json`` in the OLMo naming (``d_model``, ``n_heads``, ``n_kv_heads``,
+``n_layers``, ``mlp_hidden_size``, ``embedding_size``, …) and weights named
+``model.transformer.*``. The shipped tiny model uses this same class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from dlm_decode.models.transformer import ArchSpec, NativeModel, require_key
+
+__all__ = ["LLaDAModel"]
+
+
+class LLaDAModel(NativeModel):
+    """Native LLaDA (bidirectional Llama-style mask predictor).
+
+    EOS ids are the config's ``eos_token_id`` (126081, ``<|endoftext|>``) plus the
+    tokenizer's ``<|eot_id|>`` when it has one. Without a tokenizer, a config EOS of 126081
+    (the released LLaDA vocabulary) adds ``<|eot_id|>`` = 126348 as a documented fallback.
+    The logits width is ``embedding_size`` (the embedding rows), which may exceed
+    ``vocab_size``.
+    """
+
+    name: ClassVar[str] = "llada"
+    config_model_types: ClassVar[tuple[str, ...]] = ("llada",)
+    logits_shift = 0
+
+    global_names: ClassVar[Mapping[str, str]] = {
+        "embed": "model.transformer.wte",
+        "norm": "model.transformer.ln_f",
+        "head": "model.transformer.ff_out",
+    }
+    layer_prefix: ClassVar[str] = "model.transformer.blocks.{i}."
+    layer_names: ClassVar[Mapping[str, str]] = {
+        "attn_norm": "attn_norm",
+        "attn.q": "q_proj",
+        "attn.k": "k_proj",
+        "attn.v": "v_proj",
+        "attn.o": "attn_out",
+        "mlp_norm": "ff_norm",
+        "mlp.gate": "ff_proj",
+        "mlp.up": "up_proj",
+        "mlp.down": "ff_out",
+    }
+    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ("<|eot_id|>",)
+    known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {126081: 126348}
+
+    @classmethod
+    def spec_from_config(cls, config: Mapping[str, Any]) -> ArchSpec:
+        """Read LLaDA's OLMo-style ``config.json``.
+
+        Raises:
+            ValueError: a required key is missing, or the config asks for a feature this
+                implementation does not have (ALiBi, no RoPE, non-Llama blocks, LayerNorm,
+                QK norm, biases outside q/k/v, logit scaling).
+        """
+        arch = "LLaDA"
+        unsupported = {
+            "alibi": bool(config.get("alibi", False)),
+            "rope": not config.get("rope", True),
+            "block_type": config.get("block_type", "llama") != "llama",
+            "layer_norm_type": config.get("layer_norm_type", "rms") != "rms",
+            "attention_layer_norm": bool(config.get("attention_layer_norm", False)),
+            "include_bias": bool(config.get("include_bias", False)),
+            "input_emb_norm": bool(config.get("input_emb_norm", False)),
+            "scale_logits": bool(config.get("scale_logits", False)),
+            "activation_type": config.get("activation_type", "silu") not in ("silu", "swiglu"),
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(
+                f"{arch} config.json sets unsupported options: "
+                + ", ".join(f"{k}={config.get(k)!r}" for k in bad)
+            )
+        d_model = int(require_key(config, "d_model", arch))
+        n_heads = int(require_key(config, "n_heads", arch))
+        n_kv = config.get("n_kv_heads")
+        if config.get("multi_query_attention"):
+            n_kv = 1
+        d_ff = config.get("mlp_hidden_size")
+        if d_ff is None:
+            d_ff = int(config.get("mlp_ratio", 4)) * d_model
+        vocab = config.get("embedding_size") or require_key(config, "vocab_size", arch)
+        return ArchSpec(
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv) if n_kv is not None else n_heads,
+            n_layers=int(require_key(config, "n_layers", arch)),
+            d_ff=int(d_ff),
+            vocab_size=int(vocab),
+            max_length=int(config.get("max_sequence_length", 4096)),
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            qkv_bias=bool(config.get("include_qkv_bias", False)),
+            tie_embeddings=bool(config.get("weight_tying", False)),
+            rope_full_precision=bool(config.get("rope_full_precision", True)),
+        )
