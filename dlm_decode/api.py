@@ -29,7 +29,7 @@ def get_policy(name: str, **params: Any) -> CommitPolicy:
         dlm_decode.registry.UnknownPluginError: unknown name (with "did you mean …").
         ValueError: invalid parameter, naming the field.
 
-    Example:
+    Examples:
         >>> import torch, dlm_decode
         >>> pol = dlm_decode.get_policy("frechet", margin=0.30)
         >>> conf = torch.tensor([[0.99, 0.95, 0.82, 0.78, 0.74]])

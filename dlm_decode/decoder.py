@@ -467,7 +467,7 @@ def generate(
     Returns:
         A [`GenerationResult`][dlm_decode.decoder.GenerationResult].
 
-    Example:
+    Examples:
         >>> import dlm_decode
         >>> model = dlm_decode.load_model("tiny")  # doctest: +SKIP
         >>> out = dlm_decode.generate(model, [[1, 2, 3]], policy="frechet",

@@ -58,7 +58,7 @@ def frechet_scores(sorted_conf: torch.Tensor) -> FrechetScores:
     Returns:
         A :class:`FrechetScores` of ``(..., L)`` tensors in the input's dtype.
 
-    Example:
+    Examples:
         >>> import torch
         >>> s = frechet_scores(torch.tensor([0.99, 0.95, 0.82, 0.78, 0.74], dtype=torch.float64))
         >>> [round(g, 2) for g in s.gap.tolist()]

@@ -426,7 +426,7 @@ def load_model(
         OSError: a hub download failed.
         ValueError: unknown ``model_type``, or weights that do not match the architecture.
 
-    Example:
+    Examples:
         >>> from dlm_decode.models import load_model
         >>> model = load_model("GSAI-ML/LLaDA-8B-Instruct", device="cuda")  # doctest: +SKIP
     """
