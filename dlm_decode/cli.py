@@ -378,4 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main so subcommand modules raise the same CLIError class.
+    from dlm_decode.cli import main as _main
+
+    sys.exit(_main())

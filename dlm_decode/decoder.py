@@ -355,11 +355,12 @@ class Decoder:
                 commit = policy.select(conf, masked, state)  # (B, L) bool
                 if trace is not None:
                     trace.append(_trace_step(b, step, bs, conf, masked, commit, x0))
-                bad_unmasked = (commit & ~masked).any()
-                bad_none = (has_work & ~commit.any(-1)).any()
+                take = commit & masked  # (B, L)
+                bad_unmasked = (commit != take).any()
+                bad_none = (has_work & ~take.any(-1)).any()
                 blk = x[:, bs:be]
-                blk.copy_(torch.where(commit & masked, x0, blk))
-                counts.append((commit & masked).sum(-1))
+                blk.copy_(torch.where(take, x0, blk))
+                counts.append(take.sum(-1))
                 step_blocks.append(b)
                 if cfg.early_stop:
                     _early_stop(x, p, mask_id, eos)

@@ -26,6 +26,7 @@ __all__ = [
     "FrechetScores",
     "commit_top_n",
     "count_true_prefix",
+    "frechet_gap",
     "frechet_scores",
     "sorted_profile",
 ]
@@ -73,6 +74,20 @@ def frechet_scores(sorted_conf: torch.Tensor) -> FrechetScores:
     factor_core = (n + 1) * c - n
     bonus = csum - n * c
     return FrechetScores(lower, upper, gap, factor_core, bonus)
+
+
+def frechet_gap(sorted_conf: torch.Tensor) -> torch.Tensor:
+    """Only ``G_n`` of :func:`frechet_scores` (what the ``frechet`` rule needs per step).
+
+    Args:
+        sorted_conf: ``(..., L)`` confidences sorted descending along the last axis.
+
+    Returns:
+        ``(..., L)`` ``G_n = max(0, Σ_{j≤n} c(j) − (n − 1)) − (1 − c(n))``.
+    """
+    c = sorted_conf
+    n_minus_1 = torch.arange(c.shape[-1], device=c.device, dtype=c.dtype)  # (L,)
+    return (c.cumsum(-1) - n_minus_1).clamp(min=0) - (1 - c)  # (..., L)
 
 
 def sorted_profile(

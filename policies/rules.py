@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlm_decode.frechet import count_true_prefix, frechet_scores
+from dlm_decode.frechet import count_true_prefix, frechet_gap
 from dlm_decode.interfaces import CountPolicy, NoParams, StepState
 
 __all__ = [
@@ -135,7 +135,7 @@ class FrechetPolicy(CountPolicy):
     ) -> torch.Tensor:
         margin, eta = self._margin_eta()
         c = (sorted_conf - eta).clamp(min=0) if eta > 0 else sorted_conf
-        gap = frechet_scores(c).gap
+        gap = frechet_gap(c)  # (B, L)
         return count_true_prefix(gap > margin, valid)
 
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from strategies import GRID, PolicyInput, grid_values, policy_inputs, sorted_profiles
 
 import dlm_decode
-from dlm_decode.frechet import frechet_scores
+from dlm_decode.frechet import frechet_gap, frechet_scores
 from dlm_decode.interfaces import CountPolicy, StepState
 from policies.rules import (
     FactorParams,
@@ -148,6 +148,14 @@ def test_lower_bound_at_least_weakest_token_bound(profile: list[float], dtype) -
     n = torch.arange(1, len(profile) + 1, dtype=dtype)
     assert (s.lower >= 1 - n * (1 - c) - TOL[dtype]).all()
     assert (s.lower >= 0).all()
+
+
+@settings(max_examples=CHEAP, deadline=None)
+@given(profile=sorted_profiles(), dtype=FLOAT_DTYPES)
+def test_gap_only_function_equals_full_scores_gap(profile: list[float], dtype) -> None:
+    """``frechet_gap`` (what the policy evaluates each step) is ``frechet_scores(c).gap``."""
+    c = torch.tensor(profile, dtype=dtype)
+    torch.testing.assert_close(frechet_gap(c), frechet_scores(c).gap, atol=TOL[dtype], rtol=0)
 
 
 @settings(max_examples=CHEAP, deadline=None)
