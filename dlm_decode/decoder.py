@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,9 +29,11 @@ from dlm_decode.interfaces import (
 )
 
 __all__ = [
+    "DecodeRun",
     "Decoder",
     "GenerationResult",
     "PolicyContractError",
+    "SelectOut",
     "TraceStep",
     "generate",
     "pad_prompts",
@@ -115,6 +117,50 @@ class GenerationResult:
             tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
             for row, n in zip(self.responses.cpu(), lengths, strict=True)
         ]
+
+
+class SelectOut(NamedTuple):
+    """Outputs of one select stage (static tensors when a FastDecoder replays a graph).
+
+    Attributes:
+        flags: ``(3,)`` bool: committed an unmasked position, committed nothing in a row
+            with work, the block still has a mask after the commit.
+        count: ``(B,)`` long, positions committed per row.
+        conf: ``(B, L)`` float32 confidences (for traces).
+        masked: ``(B, L)`` bool, masked positions before the commit (for traces).
+        commit: ``(B, L)`` bool, the policy's mask (for traces).
+        x0: ``(B, L)`` long proposals (for traces).
+    """
+
+    flags: torch.Tensor
+    count: torch.Tensor
+    conf: torch.Tensor
+    masked: torch.Tensor
+    commit: torch.Tensor
+    x0: torch.Tensor
+
+
+@dataclass
+class DecodeRun:
+    """The state of one ``generate`` call that the loop's stages read and write.
+
+    Attributes:
+        x: ``(B, T)`` long, the sequence being decoded.
+        ctx: the cache context (key mask, positions, KV buffer).
+        prompt_length: ``P``, the padded prompt length.
+        nfe_row: ``(B,)`` long, forwards in which each row had work.
+        eos: ``(E,)`` long EOS ids (``-1`` when the model has none).
+        logits: ``(B, L, V)`` logits of the active block, set by the forward stage.
+        generator: the sampling noise's generator (``temperature > 0``).
+    """
+
+    x: torch.Tensor
+    ctx: CacheContext
+    prompt_length: int
+    nfe_row: torch.Tensor
+    eos: torch.Tensor
+    logits: torch.Tensor | None = None
+    generator: torch.Generator | None = None
 
 
 def pad_prompts(
@@ -265,6 +311,64 @@ class Decoder:
                     f"step use steps=gen_length ({config.gen_length})"
                 )
 
+    # -- the loop's stages (FastDecoder overrides these, not the loop) ---------------
+    def _begin(self, ids: torch.Tensor, am: torch.Tensor | None) -> DecodeRun:
+        """Allocate the decode's state: sequence, key mask, positions, cache buffers."""
+        cfg, model = self.config, self.model
+        bsz, p = ids.shape
+        total = p + cfg.gen_length
+        dev = model.device
+        x = torch.full((bsz, total), model.mask_token_id, dtype=torch.long, device=dev)
+        x[:, :p] = ids.to(dev)  # (B, T)
+        if am is not None:
+            full_am = torch.ones((bsz, total), dtype=torch.bool, device=dev)
+            full_am[:, :p] = am.to(dev)
+            positions = positions_from_mask(full_am)  # (B, T)
+        else:
+            full_am = None
+            positions = torch.arange(total, device=dev).expand(bsz, total)
+        ctx = CacheContext(model=model, attention_mask=full_am, position_ids=positions)
+        self.cache.setup(ctx, bsz, total)
+        return DecodeRun(
+            x=x,
+            ctx=ctx,
+            prompt_length=p,
+            nfe_row=torch.zeros(bsz, dtype=torch.long, device=dev),
+            eos=torch.tensor(model.eos_token_ids or (-1,), device=dev),
+        )
+
+    def _forward(self, run: DecodeRun, refresh: bool, bs: int, be: int) -> None:
+        """One NFE: the cache's refresh (block start) or step; sets ``run.logits``."""
+        if refresh:
+            run.logits = self.cache.refresh(run.ctx, run.x, bs, be)  # (B, L, V)
+        else:
+            run.logits = self.cache.step(run.ctx, run.x, bs, be)  # (B, L, V)
+
+    def _select(self, run: DecodeRun, bs: int, be: int, state: StepState) -> SelectOut:
+        """Propose, let the policy choose, commit into ``run.x``, compute the step's flags."""
+        cfg, mask_id = self.config, self.model.mask_token_id
+        x = run.x  # (B, T)
+        blk = x[:, bs:be]  # (B, L) view
+        masked = blk == mask_id  # (B, L)
+        has_work = masked.any(-1)  # (B,)
+        run.nfe_row.add_(has_work)
+        x0, conf = propose(run.logits, mask_id, cfg.temperature, run.generator)  # (B, L) ×2
+        commit = self.policy.select(conf, masked, state)  # (B, L) bool
+        take = commit & masked  # (B, L)
+        bad_unmasked = (commit != take).any()
+        bad_none = (has_work & ~take.any(-1)).any()
+        blk.copy_(torch.where(take, x0, blk))
+        if cfg.early_stop:
+            _early_stop(x, run.prompt_length, mask_id, run.eos)
+        left = (x[:, bs:be] == mask_id).any()
+        flags = torch.stack([bad_unmasked, bad_none, left])  # (3,)
+        return SelectOut(flags, take.sum(-1), conf, masked, commit, x0)
+
+    def _finish(self, run: DecodeRun) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The result's ``sequences`` and key mask (FastDecoder copies its static buffers)."""
+        return run.x, run.ctx.attention_mask
+
+    # -- the loop ---------------------------------------------------------------------
     @torch.no_grad()
     def generate(
         self,
@@ -281,7 +385,7 @@ class Decoder:
         Returns:
             A :class:`GenerationResult`.
         """
-        cfg, model, policy, cache = self.config, self.model, self.policy, self.cache
+        cfg, model, policy = self.config, self.model, self.policy
         t0 = time.perf_counter()
         ids, am = pad_prompts(prompt_ids, model.pad_token_id, attention_mask)
         bsz, p = ids.shape
@@ -293,29 +397,14 @@ class Decoder:
             )
         if p < model.logits_shift:
             raise ValueError("a shifted-logits model needs a prompt of at least one token")
+        run = self._begin(ids, am)
         dev = model.device
-        mask_id = model.mask_token_id
-        x = torch.full((bsz, total), mask_id, dtype=torch.long, device=dev)  # (B, T)
-        x[:, :p] = ids.to(dev)
-        if am is not None:
-            full_am = torch.ones((bsz, total), dtype=torch.bool, device=dev)
-            full_am[:, :p] = am.to(dev)
-            positions = positions_from_mask(full_am)  # (B, T)
-        else:
-            full_am = None
-            positions = torch.arange(total, device=dev).expand(bsz, total)
-        ctx = CacheContext(model=model, attention_mask=full_am, position_ids=positions)
-        cache.setup(ctx, bsz, total)
-        gen = None
         if cfg.temperature > 0:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(cfg.seed)
-        eos = torch.tensor(model.eos_token_ids or (-1,), device=dev)
-        profile = cfg.profile
-        sync = torch.cuda.synchronize if dev.type == "cuda" and profile else (lambda: None)
+            run.generator = torch.Generator(device=dev)
+            run.generator.manual_seed(cfg.seed)
+        sync = torch.cuda.synchronize if dev.type == "cuda" and cfg.profile else (lambda: None)
 
         nfe = 0
-        nfe_row = torch.zeros(bsz, dtype=torch.long, device=dev)
         counts: list[torch.Tensor] = []
         step_blocks: list[int] = []
         trace: list[TraceStep] | None = [] if cfg.trace else None
@@ -323,8 +412,7 @@ class Decoder:
         bl = cfg.block_length
         for b in range(cfg.num_blocks):
             bs, be = p + b * bl, p + (b + 1) * bl
-            masked = x[:, bs:be] == mask_id  # (B, L)
-            m0 = masked.sum(-1)  # (B,)
+            m0 = (run.x[:, bs:be] == model.mask_token_id).sum(-1)  # (B,)
             if not bool(m0.any()):  # rows finished by early stop
                 continue
             step = 0
@@ -335,16 +423,10 @@ class Decoder:
                         f"{policy.key} is not committing"
                     )
                 ta = time.perf_counter()
-                if step == 0:
-                    logits = cache.refresh(ctx, x, bs, be)  # (B, L, V)
-                else:
-                    logits = cache.step(ctx, x, bs, be)  # (B, L, V)
+                self._forward(run, step == 0, bs, be)
                 sync()
                 tb = time.perf_counter()
                 nfe += 1
-                has_work = masked.any(-1)  # (B,)
-                nfe_row += has_work
-                x0, conf = propose(logits, mask_id, cfg.temperature, gen)  # (B, L) ×2
                 state = StepState(
                     step=step,
                     block_index=b,
@@ -352,20 +434,12 @@ class Decoder:
                     steps_per_block=cfg.steps_per_block,
                     block_masked_at_start=m0,
                 )
-                commit = policy.select(conf, masked, state)  # (B, L) bool
+                out = self._select(run, bs, be, state)
                 if trace is not None:
-                    trace.append(_trace_step(b, step, bs, conf, masked, commit, x0))
-                take = commit & masked  # (B, L)
-                bad_unmasked = (commit != take).any()
-                bad_none = (has_work & ~take.any(-1)).any()
-                blk = x[:, bs:be]
-                blk.copy_(torch.where(take, x0, blk))
-                counts.append(take.sum(-1))
+                    trace.append(_trace_step(b, step, bs, out.conf, out.masked, out.commit, out.x0))
+                counts.append(out.count)
                 step_blocks.append(b)
-                if cfg.early_stop:
-                    _early_stop(x, p, mask_id, eos)
-                masked = x[:, bs:be] == mask_id  # (B, L)
-                flags = torch.stack([bad_unmasked, bad_none, masked.any()]).tolist()
+                flags = out.flags.tolist()  # the step's one host sync
                 sync()
                 t_sel += time.perf_counter() - tb
                 t_fwd += tb - ta
@@ -384,19 +458,20 @@ class Decoder:
                     break
                 step += 1
         timings = {"total_s": time.perf_counter() - t0}
-        if profile or dev.type == "cpu":
+        if cfg.profile or dev.type == "cpu":
             timings.update(forward_s=t_fwd, select_s=t_sel)
         commit_counts = (
             torch.stack(counts).cpu() if counts else torch.zeros((0, bsz), dtype=torch.long)
         )
+        sequences, full_am = self._finish(run)
         return GenerationResult(
-            sequences=x,
+            sequences=sequences,
             prompt_length=p,
             attention_mask=full_am
             if full_am is not None
             else torch.ones((bsz, total), dtype=torch.bool, device=dev),
             nfe=nfe,
-            nfe_per_row=nfe_row.cpu(),
+            nfe_per_row=run.nfe_row.cpu(),
             commit_counts=commit_counts,
             step_blocks=torch.tensor(step_blocks, dtype=torch.long),
             timings=timings,

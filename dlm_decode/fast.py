@@ -37,24 +37,14 @@ are freed when its capture ends and reused by the next capture.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from dlm_decode.config import DecodeConfig
-from dlm_decode.decoder import (
-    Decoder,
-    GenerationResult,
-    PolicyContractError,
-    TraceStep,
-    _early_stop,
-    _trace_step,
-    pad_prompts,
-    propose,
-)
+from dlm_decode.decoder import Decoder, DecodeRun, SelectOut
 from dlm_decode.interfaces import (
     Cache,
     CacheContext,
@@ -64,7 +54,7 @@ from dlm_decode.interfaces import (
     positions_from_mask,
 )
 
-__all__ = ["FastDecoder", "SelectOut", "StaticState", "graphs_available"]
+__all__ = ["FastDecoder", "StaticState", "graphs_available"]
 
 StageKey = tuple[str, int, int]
 
@@ -84,27 +74,6 @@ def _graph_safe_policy(policy: CommitPolicy) -> bool:
     from policies.rules import FactorPolicy, FrechetPolicy, FrechetRobustPolicy, ThresholdPolicy
 
     return type(policy) in (ThresholdPolicy, FactorPolicy, FrechetPolicy, FrechetRobustPolicy)
-
-
-class SelectOut(NamedTuple):
-    """Outputs of one ``select`` stage (static tensors when replayed from a graph).
-
-    Attributes:
-        flags: ``(3,)`` bool: committed an unmasked position, committed nothing in a row
-            with work, the block still has a mask after the commit.
-        count: ``(B,)`` long, positions committed per row.
-        conf: ``(B, L)`` float32 confidences (for traces).
-        masked: ``(B, L)`` bool, masked positions before the commit (for traces).
-        commit: ``(B, L)`` bool, the policy's mask (for traces).
-        x0: ``(B, L)`` long proposals (for traces).
-    """
-
-    flags: torch.Tensor
-    count: torch.Tensor
-    conf: torch.Tensor
-    masked: torch.Tensor
-    commit: torch.Tensor
-    x0: torch.Tensor
 
 
 @dataclass
@@ -295,174 +264,50 @@ class FastDecoder(Decoder):
         self.stats["captures"] += 1
         return out
 
-    # -- the two stages ---------------------------------------------------------------
-    def _select(
-        self,
-        st: StaticState,
-        bs: int,
-        be: int,
-        prompt_length: int,
-        state: StepState,
-        gen: torch.Generator | None,
-    ) -> SelectOut:
-        """Propose, select, commit into ``st.x`` and compute the step's flags."""
-        cfg, mask_id = self.config, self.model.mask_token_id
-        x = st.x  # (B, T)
-        blk = x[:, bs:be]  # (B, L) view
-        masked = blk == mask_id  # (B, L)
-        has_work = masked.any(-1)  # (B,)
-        st.nfe_row.add_(has_work)
-        x0, conf = propose(st.logits, mask_id, cfg.temperature, gen)  # (B, L) ×2
-        commit = self.policy.select(conf, masked, state)  # (B, L) bool
-        bad_unmasked = (commit & ~masked).any()
-        bad_none = (has_work & ~commit.any(-1)).any()
-        take = commit & masked  # (B, L)
-        blk.copy_(torch.where(take, x0, blk))
-        count = take.sum(-1)  # (B,)
-        if cfg.early_stop:
-            _early_stop(x, prompt_length, mask_id, st.eos)
-        left = (x[:, bs:be] == mask_id).any()
-        flags = torch.stack([bad_unmasked, bad_none, left])  # (3,)
-        return SelectOut(flags, count, conf, masked, commit, x0)
-
-    # -- generate ---------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-    ) -> GenerationResult:
-        """Decode a batch of prompts; same contract as
-        [`Decoder.generate`][dlm_decode.decoder.Decoder.generate].
-
-        ``sequences`` of the result is a copy: the static buffer is reused by the next call.
-        """
-        cfg, model, policy, cache = self.config, self.model, self.policy, self.cache
-        t0 = time.perf_counter()
-        ids, am = pad_prompts(prompt_ids, model.pad_token_id, attention_mask)
+    # -- the loop's stages over the static buffers ------------------------------------
+    def _begin(self, ids: torch.Tensor, am: torch.Tensor | None) -> DecodeRun:
         bsz, p = ids.shape
-        total = p + cfg.gen_length
-        if total > model.max_length:
-            raise ValueError(
-                f"prompt length {p} + gen_length {cfg.gen_length} = {total} exceeds the "
-                f"model's max length {model.max_length}; shorten the prompt or gen_length"
-            )
-        if p < model.logits_shift:
-            raise ValueError("a shifted-logits model needs a prompt of at least one token")
-        dev = model.device
-        mask_id = model.mask_token_id
+        total = p + self.config.gen_length
         st = self._state_for(bsz, total, am is not None)
-        st.load(ids.to(dev), None if am is None else am.to(dev), mask_id)
-        ctx, x = st.ctx, st.x
+        st.load(
+            ids.to(self.model.device),
+            None if am is None else am.to(self.model.device),
+            self.model.mask_token_id,
+        )
         if not st.static_cache:
-            cache.setup(ctx, bsz, total)
+            self.cache.setup(st.ctx, bsz, total)
         self.stats = {"captures": 0, "replays": 0, "eager": 0}
-        gen = None
-        if cfg.temperature > 0:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(cfg.seed)
-        profile = cfg.profile
-        sync = torch.cuda.synchronize if dev.type == "cuda" and profile else (lambda: None)
-        fwd_graph = st.static_cache
-        sel_graph = cfg.temperature == 0 and not cfg.early_stop and _graph_safe_policy(policy)
+        cfg = self.config
+        self._sel_graph = (
+            cfg.temperature == 0 and not cfg.early_stop and _graph_safe_policy(self.policy)
+        )
+        return DecodeRun(
+            x=st.x, ctx=st.ctx, prompt_length=p, nfe_row=st.nfe_row, eos=st.eos, logits=st.logits
+        )
+
+    def _forward(self, run: DecodeRun, refresh: bool, bs: int, be: int) -> None:
+        st, cache, logits = self._state, self.cache, run.logits
         from caches import NoCache
 
-        same_fwd = type(cache) is NoCache  # refresh and step are one forward
+        if refresh or type(cache) is NoCache:  # for `none`, refresh and step are one forward
+            fn = lambda: logits.copy_(cache.refresh(run.ctx, run.x, bs, be))
+            self._run(st, ("refresh", bs, be), fn, st.static_cache)
+        else:
+            fn = lambda: logits.copy_(cache.step(run.ctx, run.x, bs, be))
+            self._run(st, ("step", bs, be), fn, st.static_cache)
 
-        nfe = 0
-        counts: list[torch.Tensor] = []
-        step_blocks: list[int] = []
-        trace: list[TraceStep] | None = [] if cfg.trace else None
-        t_fwd = t_sel = 0.0
-        bl = cfg.block_length
-        logits = st.logits  # (B, L, V)
-        for b in range(cfg.num_blocks):
-            bs, be = p + b * bl, p + (b + 1) * bl
-            m0 = (x[:, bs:be] == mask_id).sum(-1)  # (B,)
-            if not bool(m0.any()):  # rows finished by early stop
-                continue
-            step = 0
-            while True:
-                if step > bl:
-                    raise PolicyContractError(
-                        f"block {b} still has masks after {step} steps; the policy "
-                        f"{policy.key} is not committing"
-                    )
-                ta = time.perf_counter()
-                if step == 0 or same_fwd:
-                    self._run(
-                        st,
-                        ("refresh", bs, be),
-                        lambda bs=bs, be=be: logits.copy_(cache.refresh(ctx, x, bs, be)),
-                        fwd_graph,
-                    )
-                else:
-                    self._run(
-                        st,
-                        ("step", bs, be),
-                        lambda bs=bs, be=be: logits.copy_(cache.step(ctx, x, bs, be)),
-                        fwd_graph,
-                    )
-                sync()
-                tb = time.perf_counter()
-                nfe += 1
-                state = StepState(
-                    step=step,
-                    block_index=b,
-                    num_blocks=cfg.num_blocks,
-                    steps_per_block=cfg.steps_per_block,
-                    block_masked_at_start=m0,
-                )
-                out: SelectOut = self._run(
-                    st,
-                    ("select", bs, be),
-                    lambda bs=bs, be=be, state=state: self._select(st, bs, be, p, state, gen),
-                    sel_graph,
-                )
-                if trace is not None:
-                    trace.append(_trace_step(b, step, bs, out.conf, out.masked, out.commit, out.x0))
-                counts.append(out.count.clone() if sel_graph and self.graphs else out.count)
-                step_blocks.append(b)
-                flags = out.flags.tolist()  # the step's one host sync
-                sync()
-                t_sel += time.perf_counter() - tb
-                t_fwd += tb - ta
-                if flags[0]:
-                    raise PolicyContractError(
-                        f"policy {policy.key} committed a position that is not masked "
-                        f"(block {b}, step {step}); select() must return commit & masked"
-                    )
-                if flags[1]:
-                    raise PolicyContractError(
-                        f"policy {policy.key} committed nothing in a row that still has "
-                        f"masked positions (block {b}, step {step}); it must commit at least "
-                        f"one per such row"
-                    )
-                if not flags[2]:
-                    break
-                step += 1
-        timings = {"total_s": time.perf_counter() - t0}
-        if profile or dev.type == "cpu":
-            timings.update(forward_s=t_fwd, select_s=t_sel)
-        commit_counts = (
-            torch.stack(counts).cpu() if counts else torch.zeros((0, bsz), dtype=torch.long)
+    def _select(self, run: DecodeRun, bs: int, be: int, state: StepState) -> SelectOut:
+        sel = super()._select
+        out: SelectOut = self._run(
+            self._state, ("select", bs, be), lambda: sel(run, bs, be, state), self._sel_graph
         )
-        full_am = ctx.attention_mask
-        return GenerationResult(
-            sequences=x.clone(),
-            prompt_length=p,
-            attention_mask=full_am.clone()
-            if full_am is not None
-            else torch.ones((bsz, total), dtype=torch.bool, device=dev),
-            nfe=nfe,
-            nfe_per_row=st.nfe_row.cpu(),
-            commit_counts=commit_counts,
-            step_blocks=torch.tensor(step_blocks, dtype=torch.long),
-            timings=timings,
-            config=cfg,
-            trace=trace,
-            eos_token_ids=tuple(model.eos_token_ids),
-        )
+        if self._sel_graph and self.graphs:  # the graph's output buffer is rewritten next step
+            out = out._replace(count=out.count.clone())
+        return out
+
+    def _finish(self, run: DecodeRun) -> tuple[torch.Tensor, torch.Tensor | None]:
+        am = run.ctx.attention_mask
+        return run.x.clone(), None if am is None else am.clone()
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
