@@ -1,0 +1,132 @@
+"""The lm-evaluation-harness adapter, end to end and offline, on a tiny random checkpoint.
+
+The task is ``tests/data/lm_eval/dlm_decode_tiny_qa.yaml`` (generate_until, exact match).
+Its data file is written by the test: the targets of half the documents are the model's
+own generations, the rest can never be generated, so the expected exact match (0.5) is
+only reached when lm-eval scores what our Decoder generated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+# Nothing may touch the network: set before `datasets` is imported.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+lm_eval = pytest.importorskip("lm_eval")
+yaml = pytest.importorskip("yaml")
+
+TASK_DIR = Path(__file__).resolve().parent / "data" / "lm_eval"
+TASK_NAME = "dlm_decode_tiny_qa"
+
+
+def _char_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer matching the tiny config (EOS/pad 1, mask 127)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1}
+    for ch in "\n" + "".join(map(chr, range(32, 127))):
+        vocab[ch] = len(vocab)
+    while len(vocab) < 127:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+    vocab["<|mdm_mask|>"] = 127
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    raw.add_special_tokens(["<unk>", "<|endoftext|>", "<|mdm_mask|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        unk_token="<unk>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        mask_token="<|mdm_mask|>",
+        clean_up_tokenization_spaces=False,
+    )
+    tok.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dlm_decode.models.testing import write_random_checkpoint
+
+    folder = write_random_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "llada", seed=3)
+    _char_tokenizer(folder)
+    return folder
+
+
+def _make_lm(checkpoint: Path):
+    from lm_eval.api.registry import get_model
+
+    import dlm_decode.lm_eval_adapter  # noqa: F401  (registers "dlm_decode")
+
+    cls = get_model("dlm_decode")
+    args = (
+        f"model={checkpoint},device=cpu,dtype=float32,policy=frechet,margin=0.25,"
+        f"cache=dual,block_length=4"
+    )
+    return cls.create_from_arg_string(args, {"batch_size": 1})
+
+
+def test_model_args_parse_into_decode_config(checkpoint: Path) -> None:
+    lm = _make_lm(checkpoint)
+    cfg = lm.config_for({"max_gen_toks": 10, "until": ["\n"]})
+    assert cfg.policy == "frechet" and cfg.policy_args == {"margin": 0.25}
+    assert cfg.cache == "dual" and cfg.block_length == 4
+    assert cfg.gen_length == 12  # max_gen_toks rounded up to a multiple of block_length
+    with pytest.raises(NotImplementedError, match="generatively"):
+        lm.loglikelihood([])
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        lm.loglikelihood_rolling([])
+
+
+def test_bad_policy_arg_fails_before_loading(tmp_path: Path) -> None:
+    from dlm_decode.lm_eval_adapter import DLMDecodeLM
+
+    with pytest.raises(ValueError):
+        DLMDecodeLM(model=str(tmp_path / "missing"), policy="frechet", no_such_param=1)
+
+
+def test_simple_evaluate_scores_our_generations(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf", raising=False)
+    lm = _make_lm(checkpoint)
+    task = yaml.safe_load((TASK_DIR / f"{TASK_NAME}.yaml").read_text())
+    gen_kwargs = task["generation_kwargs"]
+    docs = [json.loads(x) for x in (TASK_DIR / "tiny_qa_prompts.jsonl").read_text().splitlines()]
+
+    # Our own generations for the prompts (batch 1, greedy: deterministic).
+    reqs = [SimpleNamespace(args=(d["question"], dict(gen_kwargs))) for d in docs]
+    ours = lm.generate_until(reqs, disable_tqdm=True)
+    assert all("\n" not in g for g in ours)  # `until` applied to the text
+    for i, d in enumerate(docs):
+        d["answer"] = ours[i] if i % 2 == 0 else f"<never generated {i}>"
+    data = tmp_path / "dlm_decode_tiny_qa.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    task["dataset_kwargs"]["data_files"]["test"] = str(data)
+
+    from lm_eval.tasks import TaskManager
+
+    # include_defaults=False: do not index lm-eval's thousands of built-in tasks (~20 s).
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], task_manager=manager, log_samples=True, bootstrap_iters=0
+    )
+    result = out["results"][TASK_NAME]
+    em = next(v for k, v in result.items() if k.startswith("exact_match,"))
+    assert em == pytest.approx(0.5)
+    samples = out["samples"][TASK_NAME]
+    assert len(samples) == len(docs)
+    for s in samples:
+        assert s["resps"][0][0] == ours[s["doc_id"]]
