@@ -190,18 +190,14 @@ def evaluate(
 
 
 def _score(task: Task, batch: Sequence[Sample], texts: Sequence[str]) -> list[dict[str, Any]]:
-    """Score a decoded batch: ``task.score_batch`` when the task has one (code tasks run
-    their programs in parallel), else ``task.score`` per sample."""
-    score_batch = getattr(task, "score_batch", None)
-    if callable(score_batch):
-        scores = list(score_batch(batch, texts))
-        if len(scores) != len(batch):
-            raise RuntimeError(
-                f"{type(task).__name__}.score_batch returned {len(scores)} rows for "
-                f"{len(batch)} samples"
-            )
-        return scores
-    return [task.score(s, t) for s, t in zip(batch, texts, strict=True)]
+    """Score a decoded batch with ``task.score_batch`` (code tasks run it in parallel)."""
+    scores = list(task.score_batch(batch, texts))
+    if len(scores) != len(batch):
+        raise RuntimeError(
+            f"{type(task).__name__}.score_batch returned {len(scores)} rows for "
+            f"{len(batch)} samples"
+        )
+    return scores
 
 
 def _task_chat(task: Task, model: Model) -> bool:

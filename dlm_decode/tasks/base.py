@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,3 +46,12 @@ class Task(ABC):
     @abstractmethod
     def score(self, sample: Sample, completion: str) -> dict[str, Any]:
         """Score one completion: at least ``{"correct": bool, "extracted": ...}``."""
+
+    def score_batch(
+        self, samples: Sequence[Sample], completions: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """Score a decoded batch; the default calls :meth:`score` per sample.
+
+        Tasks that execute code override this to run the batch's programs in parallel.
+        """
+        return [self.score(s, c) for s, c in zip(samples, completions, strict=True)]

@@ -1,0 +1,391 @@
+"""Running a sweep: resumable, crash-safe, data-parallel over processes.
+
+For each run of the grid (see [`expand_runs`][dlm_decode.ablate.config.expand_runs]) the
+runner decodes the samples not yet in the sweep folder, appends one JSONL row per sample
+as each batch finishes, and finally (rank 0) merges, tabulates, plots and logs.
+
+Determinism: a run's samples are split into fixed batches (``batch_size`` consecutive
+samples of the rank's share); on resume only the missing samples of a batch are decoded.
+Greedy decoding does not depend on batch composition (the Decoder guarantees batched ==
+alone). With ``temperature > 0`` each sample is decoded alone with a seed derived from the
+run's seed and the sample id, so its noise never depends on what else was in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlm_decode.ablate.config import AblationConfig, RunSpec, expand_runs
+from dlm_decode.ablate.store import (
+    RowStore,
+    atomic_write_text,
+    merge_rank_files,
+    rank_file,
+    read_sweep_rows,
+)
+
+__all__ = [
+    "DistInfo",
+    "SweepResult",
+    "dist_info",
+    "environment_info",
+    "run_sweep",
+    "sample_seed",
+]
+
+
+@dataclass
+class DistInfo:
+    """Rank, world size and a barrier.
+
+    Attributes:
+        rank: this process's rank.
+        world: number of processes.
+        barrier: blocks until every rank calls it.
+        source: ``accelerate``, ``env`` or ``single``.
+    """
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None)
+    source: str = "single"
+
+
+def dist_info(cpu: bool) -> DistInfo:
+    """Rank and world size from ``accelerate.PartialState`` when launched by accelerate
+    (or torchrun), else from ``RANK``/``WORLD_SIZE``; a single process otherwise.
+
+    Args:
+        cpu: the sweep runs on CPU (accelerate then uses the gloo backend).
+
+    Returns:
+        The :class:`DistInfo`.
+    """
+    world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_env <= 1:
+        return DistInfo()
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        PartialState = None
+    if PartialState is not None and "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        state = PartialState(cpu=cpu)
+        if state.num_processes > 1:
+            return DistInfo(
+                state.process_index, state.num_processes, state.wait_for_everyone, "accelerate"
+            )
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return DistInfo(rank, world_env, lambda: None, "env")
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """Per-sample seed for sampled decoding (independent of batch composition)."""
+    h = hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()
+    return int(h[:8], 16)
+
+
+def _git_commit() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        return {"commit": head, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_info(cfg: AblationConfig, device: str, world: int) -> dict[str, Any]:
+    """Versions, hardware and seeds of this invocation (``environment.json``)."""
+    import torch
+
+    import dlm_decode
+
+    def version(mod: str) -> str | None:
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "dlm_decode": dlm_decode.__version__,
+        "wandb": version("wandb"),
+        "accelerate": version("accelerate"),
+        "git": _git_commit(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "device": device,
+        "world_size": world,
+        "seeds": list(cfg.seeds),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` returns (complete on rank 0; other ranks get ``rows=None``).
+
+    Attributes:
+        out_dir: the sweep folder.
+        runs: the runs of the grid.
+        rows: every row of the current grid (rank 0 after the merge).
+        table: one summary dict per run.
+        files: the files written (table, plots, reports).
+        decoded: samples this invocation decoded (this rank).
+    """
+
+    out_dir: Path
+    runs: list[RunSpec]
+    rows: list[dict[str, Any]] | None = None
+    table: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+    decoded: int = 0
+
+
+def _resolve_device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model.device {name!r}: no CUDA device is available here; use cpu")
+    return name
+
+
+def _row_commits(counts: Any, step_blocks: Any, col: int) -> tuple[list[int], list[int]]:
+    """A row's tokens committed per step (steps with work only) and steps per block."""
+    c = counts[:, col].tolist()
+    blocks = step_blocks.tolist()
+    commits, per_block = [], {}
+    for n, b in zip(c, blocks, strict=True):
+        if n > 0:
+            commits.append(int(n))
+            per_block[b] = per_block.get(b, 0) + 1
+    return commits, [per_block[b] for b in sorted(per_block)]
+
+
+def decode_batch(
+    model: Any,
+    task: Any,
+    run: RunSpec,
+    batch: Sequence[tuple[int, Any]],
+    rank: int,
+) -> list[dict[str, Any]]:
+    """Decode and score one batch of ``(sample_index, Sample)``; returns their rows.
+
+    Args:
+        model: the model.
+        task: the task object.
+        run: the run.
+        batch: ``(index, sample)`` pairs.
+        rank: this process's rank (recorded in the rows).
+
+    Returns:
+        One row per sample.
+    """
+    from dlm_decode.decoder import Decoder
+    from dlm_decode.evaluate import _score, _task_chat, encode_prompts
+
+    samples = [s for _, s in batch]
+    prompts = encode_prompts(model, [s.prompt for s in samples], chat=_task_chat(task, model))
+    cfg = run.decode_config()
+    groups: list[tuple[list[int], Any]] = []
+    if run.temperature > 0:  # sampled: each sample alone with its own seed
+        for k, s in enumerate(samples):
+            c = cfg.model_copy(update={"seed": sample_seed(run.seed, s.id)})
+            groups.append(([k], c))
+    else:
+        groups.append((list(range(len(samples))), cfg))
+    rows: list[dict[str, Any] | None] = [None] * len(samples)
+    for members, c in groups:
+        t0 = time.perf_counter()
+        res = Decoder(model, c).generate([prompts[k] for k in members])
+        dt = time.perf_counter() - t0
+        texts = res.texts(model.tokenizer)
+        lengths = res.response_lengths().tolist()
+        nfes = res.nfe_per_row.tolist()
+        scores = _score(task, [samples[k] for k in members], texts)
+        for j, k in enumerate(members):
+            commits, block_steps = _row_commits(res.commit_counts, res.step_blocks, j)
+            score = dict(scores[j])
+            row: dict[str, Any] = {
+                "run_id": run.run_id,
+                "sample_id": samples[k].id,
+                "sample_index": batch[k][0],
+                "rank": rank,
+                **run.describe(),
+                "completion": texts[j],
+                "response_tokens": int(lengths[j]),
+                "nfe": int(nfes[j]),
+                "latency_s": dt / len(members),
+                "commits": commits,
+                "block_steps": block_steps,
+            }
+            row.update({k2: v for k2, v in score.items() if k2 not in row})
+            row["correct"] = bool(score.get("correct", False))
+            rows[k] = row
+    return [r for r in rows if r is not None]
+
+
+def run_sweep(
+    cfg: AblationConfig,
+    out_dir: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    use_wandb: bool = True,
+    plots: bool = True,
+    progress: bool = True,
+    device: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Run (or resume) a sweep into ``out_dir``.
+
+    Args:
+        cfg: a validated config.
+        out_dir: the sweep folder (created; existing rows are reused).
+        limit: cap every task's sample count (overrides a larger ``tasks[].limit``).
+        batch_size: override ``cfg.batch_size``.
+        use_wandb: log to W&B (also needs ``cfg.wandb.enabled``).
+        plots: draw the plots.
+        progress: show a progress bar.
+        device: override ``cfg.model.device``.
+        log: where status lines go (default stderr).
+
+    Returns:
+        A :class:`SweepResult`.
+    """
+    from tqdm.auto import tqdm
+
+    from dlm_decode.evaluate import get_task
+    from dlm_decode.models import load_model
+
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _resolve_device(device or cfg.model.device)
+    if cfg.model.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.model.threads)
+    dist = dist_info(cpu=dev == "cpu")
+    rank, world = dist.rank, dist.world
+    runs = expand_runs(cfg)
+    bs = batch_size or cfg.batch_size
+    if rank == 0:
+        resolved = cfg.model_dump(mode="json")
+        atomic_write_text(out / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(
+            out / "environment.json",
+            json.dumps(environment_info(cfg, dev, world), indent=2) + "\n",
+        )
+        if world == 1:
+            merge_rank_files(out)  # rank files left by an interrupted multi-process run
+    # Tasks and samples first (cheap, and fails before the model loads).
+    tasks, samples = [], []
+    for t in cfg.tasks:
+        task = get_task(t.name, **t.task_kwargs())
+        n = t.limit
+        if limit is not None:
+            n = limit if n is None else min(n, limit)
+        tasks.append(task)
+        samples.append(task.samples(n))
+    done = {(str(r["run_id"]), str(r["sample_id"])) for r in read_sweep_rows(out)}
+    todo: list[tuple[RunSpec, list[list[tuple[int, Any]]]]] = []
+    total = 0
+    for run in runs:
+        mine = [(i, s) for i, s in enumerate(samples[run.task_index]) if i % world == rank]
+        chunks = []
+        for k in range(0, len(mine), bs):
+            chunk = [(i, s) for i, s in mine[k : k + bs] if (run.run_id, s.id) not in done]
+            if chunk:
+                chunks.append(chunk)
+                total += len(chunk)
+        if chunks:
+            todo.append((run, chunks))
+    already = sum(len(samples[r.task_index]) for r in runs) - total * world
+    say(
+        f"ablate {cfg.name}: {len(runs)} runs, {sum(len(s) for s in samples)} samples/run-set, "
+        f"rank {rank}/{world}: {total} samples to decode"
+        + (f" (resuming; ~{max(already, 0)} rows already done)" if done else "")
+    )
+    decoded = 0
+    if todo:
+        model = load_model(cfg.model.name, device=dev, dtype=cfg.model.dtype)
+        store = RowStore(rank_file(out, rank, world))
+        if store.dropped_bytes:
+            say(f"dropped a torn final line ({store.dropped_bytes} bytes) from {store.path}")
+        bar = tqdm(total=total, disable=not progress, desc=f"rank {rank}", file=sys.stderr)
+        try:
+            for run, chunks in todo:
+                bar.set_description(run.label)
+                for chunk in chunks:
+                    rows = decode_batch(model, tasks[run.task_index], run, chunk, rank)
+                    store.append(rows)
+                    decoded += len(rows)
+                    bar.update(len(rows))
+        finally:
+            bar.close()
+            store.close()
+    result = SweepResult(out_dir=out, runs=runs, decoded=decoded)
+    dist.barrier()
+    if rank != 0:
+        return result
+    merge_rank_files(out)
+    from dlm_decode.ablate.report import finish_sweep
+
+    return finish_sweep(
+        cfg,
+        out,
+        runs,
+        samples,
+        tasks,
+        result,
+        device=dev,
+        use_wandb=use_wandb,
+        plots=plots,
+        say=say,
+    )

@@ -1,0 +1,215 @@
+"""Weights & Biases logging of a finished sweep (optional: ``pip install dlm-decode[wandb]``).
+
+Every run of the grid becomes a W&B run (grouped by sweep) with its config, one history
+step per sample (``sample/*``), its summary metrics, and a histogram of tokens committed
+per step (plus the mean commit count at each step index). A final ``<name>/summary`` run
+holds the summary table and the plots.
+
+Logging happens after the rows are complete and is computed from them, so a sweep that was
+killed and resumed logs exactly what an uninterrupted one logs. Runs already logged are
+listed in ``wandb_logged.json`` in the sweep folder and are not logged twice.
+
+Mode: ``wandb.mode`` from the config; else ``WANDB_MODE`` when set; else online when an
+API key is configured (``WANDB_API_KEY`` or a ``wandb login``), otherwise offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dlm_decode.ablate.config import AblationConfig, RunSpec
+from dlm_decode.ablate.store import atomic_write_text
+
+__all__ = ["SUMMARY_KEYS", "WandbMissingError", "log_sweep", "resolve_mode", "sample_metrics"]
+
+#: Summary metrics logged per run (the table's numeric columns).
+SUMMARY_KEYS = (
+    "n",
+    "accuracy",
+    "tokens_per_s",
+    "nfe_per_sample",
+    "tokens_per_nfe",
+    "speedup",
+    "nfe_reduction",
+    "wall_s",
+)
+
+
+class WandbMissingError(ImportError):
+    """wandb is not installed."""
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1]
+    try:
+        return netrc.netrc().authenticators(host.split("/")[0]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(configured: str | None) -> str | None:
+    """The W&B mode to pass to ``wandb.init``.
+
+    Args:
+        configured: ``wandb.mode`` of the config.
+
+    Returns:
+        ``configured`` when set; ``None`` (let wandb read it) when ``WANDB_MODE`` is set or an
+        API key is configured; otherwise ``"offline"``.
+    """
+    if configured:
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return None
+    return None if _has_api_key() else "offline"
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as exc:
+        raise WandbMissingError(
+            "W&B logging needs wandb: pip install 'dlm-decode[wandb]' (or run with --no-wandb)"
+        ) from exc
+    return wandb
+
+
+def sample_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """The per-sample metrics logged at each history step (``sample/*``)."""
+    nfe = row["nfe"]
+    return {
+        "sample/index": int(row["sample_index"]),
+        "sample/correct": int(bool(row["correct"])),
+        "sample/nfe": int(nfe),
+        "sample/response_tokens": int(row["response_tokens"]),
+        "sample/tokens_per_nfe": row["response_tokens"] / nfe if nfe else 0.0,
+        "sample/latency_s": float(row["latency_s"]),
+    }
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def log_sweep(
+    cfg: AblationConfig,
+    out: Path,
+    runs: Sequence[RunSpec],
+    rows: Sequence[dict[str, Any]],
+    table: Sequence[dict[str, Any]],
+    files: dict[str, Path],
+    extra: dict[str, Any],
+    *,
+    say: Callable[[str], None],
+) -> list[str]:
+    """Log every run (and a summary run) to W&B.
+
+    Args:
+        cfg: the config.
+        out: the sweep folder.
+        runs: the runs.
+        rows: all rows (sorted by run and sample index).
+        table: the summary table.
+        files: plot files (PNG) to attach to the summary run.
+        extra: counterfactual/audit results for the summary run.
+        say: status output.
+
+    Returns:
+        The run ids logged by this call.
+    """
+    wandb = _import_wandb()
+    mode = resolve_mode(cfg.wandb.mode)
+    marker = out / "wandb_logged.json"
+    logged: list[str] = json.loads(marker.read_text()) if marker.exists() else []
+    group = cfg.wandb.group or cfg.name
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_run.setdefault(r["run_id"], []).append(r)
+    summ = {t["run_id"]: t for t in table}
+    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+    wdir = os.environ.get("WANDB_DIR") or str(out)
+    new: list[str] = []
+
+    def init(name: str, config: dict[str, Any], job: str) -> Any:
+        return wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            group=group,
+            name=name,
+            job_type=job,
+            tags=[cfg.name, *cfg.wandb.tags],
+            config=config,
+            mode=mode,
+            dir=wdir,
+            reinit="create_new",
+            settings=settings,
+        )
+
+    for run in runs:
+        if run.run_id in logged or run.run_id not in summ:
+            continue
+        rs = sorted(by_run.get(run.run_id, []), key=lambda r: int(r["sample_index"]))
+        wr = init(run.label, {"sweep": cfg.name, **run.describe()}, "ablation-run")
+        for step, row in enumerate(rs):
+            wr.log(sample_metrics(row), step=step)
+        commits = [c for r in rs for c in r["commits"]]
+        if commits:
+            hist = wandb.Histogram(commits, num_bins=max(1, min(64, max(commits))))
+            longest = max(len(r["commits"]) for r in rs)
+            mean_by_step = [
+                sum(r["commits"][i] for r in rs if i < len(r["commits"]))
+                / max(1, sum(i < len(r["commits"]) for r in rs))
+                for i in range(longest)
+            ]
+            steps_tab = wandb.Table(
+                columns=["step", "mean_commits"],
+                data=[[i + 1, m] for i, m in enumerate(mean_by_step)],
+            )
+            wr.log({"commits/per_step_hist": hist, "commits/mean_by_step": steps_tab}, step=len(rs))
+            wr.summary["commits/mean_per_step"] = sum(commits) / len(commits)
+            wr.summary["commits/max_per_step"] = max(commits)
+        for k in SUMMARY_KEYS:
+            wr.summary[k] = _clean(summ[run.run_id].get(k))
+        wr.finish()
+        logged.append(run.run_id)
+        new.append(run.run_id)
+        atomic_write_text(marker, json.dumps(logged) + "\n")
+    if new:
+        wr = init(
+            f"{cfg.name}/summary",
+            {"sweep": cfg.name, "config": cfg.model_dump(mode="json")},
+            "ablation-summary",
+        )
+        cols = [c for c in table[0]] if table else []
+        wt = wandb.Table(
+            columns=cols,
+            data=[
+                [
+                    _clean(t.get(c)) if not isinstance(t.get(c), dict) else json.dumps(t.get(c))
+                    for c in cols
+                ]
+                for t in table
+            ],
+        )
+        payload: dict[str, Any] = {"summary_table": wt}
+        for name, p in files.items():
+            if str(p).endswith(".png") and Path(p).exists():
+                payload[f"plots/{name}"] = wandb.Image(str(p))
+        wr.log(payload)
+        for k, v in extra.items():
+            wr.summary[k] = json.loads(json.dumps(v, default=str))
+        wr.finish()
+        say(
+            f"W&B: logged {len(new)} runs (mode {mode or os.environ.get('WANDB_MODE') or 'online'})"
+        )
+    return new

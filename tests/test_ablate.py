@@ -1,0 +1,721 @@
+"""Ablation sweeps: config validation, grid expansion, kill -9 / resume, W&B offline
+read-back, counterfactual trace, commit audit and a 2-process accelerate run.
+
+Everything runs on a tiny random LLaDA checkpoint with the synthetic task's character-level
+tokenizer and a fake task registered from a plugin module written by the tests (so that
+subprocesses can register it through the config's ``plugins`` field).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from dlm_decode.ablate import (
+    TIMING_COLUMNS,
+    AblationConfigError,
+    commit_audit,
+    counterfactual_trace,
+    expand_runs,
+    expand_settings,
+    load_config,
+    read_rows,
+    read_table_csv,
+    run_sweep,
+)
+from dlm_decode.ablate.store import RowStore, read_sweep_rows, repair_tail
+from dlm_decode.config import DecodeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_TASKS = '''
+"""A fake task plugin for the ablation tests."""
+from dlm_decode.hookspecs import hookimpl
+from dlm_decode.tasks.base import Sample, Task
+
+WORDS = ("copy", "sort", "add", "word")
+
+
+class FakeAblTask(Task):
+    name = "fake_abl"
+    version = 1
+    chat = False
+
+    def __init__(self, n: int = 40) -> None:
+        self.n = n
+
+    def samples(self, limit=None):
+        out = [
+            Sample(id=f"fake-{i:03d}", prompt=f"{WORDS[i % 4]}: {'abcdefghij'[: 3 + i % 7]}{i}\\n",
+                   reference=None, meta={"family": WORDS[i % 4]})
+            for i in range(self.n)
+        ]
+        return out[:limit] if limit is not None else out
+
+    def score(self, sample, completion):
+        ok = sum(map(ord, completion)) % 3 == 0
+        return {"correct": ok, "extracted": completion[:4], "family": sample.meta["family"]}
+
+
+@hookimpl
+def register_tasks(register):
+    register(FakeAblTask)
+'''
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A peaky random checkpoint (so that rules commit several tokens) and the plugin."""
+    from safetensors.torch import load_file, save_file
+
+    from dlm_decode.models.testing import write_random_checkpoint
+    from dlm_decode.tasks.synthetic import build_tokenizer
+
+    base = tmp_path_factory.mktemp("ablate")
+    ckpt = write_random_checkpoint(
+        base / "ckpt",
+        "llada",
+        seed=1,
+        tokenizer=build_tokenizer(),
+        vocab_size=100,
+        mask_token_id=3,
+        eos_token_id=2,
+        pad_token_id=0,
+        max_length=256,
+    )
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["model.transformer.ff_out.weight"] *= 150.0  # confident, varied profiles
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    plugdir = base / "plug"
+    plugdir.mkdir()
+    (plugdir / "abl_fake_tasks.py").write_text(FAKE_TASKS)
+    sys.path.insert(0, str(plugdir))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {"base": base, "ckpt": ckpt, "plugdir": plugdir}
+    torch.set_num_threads(threads)
+    sys.path.remove(str(plugdir))
+    from dlm_decode.registry import reset_registry
+
+    reset_registry()
+
+
+def make_config(env: dict[str, Any], **over: Any) -> dict[str, Any]:
+    """The small sweep the tests run (4 runs × 12 samples)."""
+    cfg: dict[str, Any] = {
+        "name": "abl_test",
+        "plugins": ["abl_fake_tasks"],
+        "model": {"name": str(env["ckpt"]), "device": "cpu", "threads": 1},
+        "tasks": [{"name": "fake_abl", "limit": 12}],
+        "caches": ["dual"],
+        "lengths": [{"gen_length": 32, "block_length": 8}],
+        "seeds": [0],
+        "batch_size": 2,
+        "baseline": {"policy": "fixed"},
+        "policies": [
+            {"policy": "fixed"},
+            {"policy": "threshold", "args": {"threshold": 0.9}},
+            {"matched": {"margins": [0.25]}},
+        ],
+        "wandb": {"enabled": False},
+        "plots": {"enabled": False},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def sub_env(env: dict[str, Any]) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(env["plugdir"]), str(ROOT), e.get("PYTHONPATH", "")])
+    e.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        DLM_DECODE_PLUGINS="",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return e
+
+
+def strip_timing(table: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in t.items() if k not in TIMING_COLUMNS} for t in table]
+
+
+def strip_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("latency_s", "rank")}
+
+
+def rows_by_key(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["run_id"], r["sample_id"]): strip_row(r) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(env: dict[str, Any]) -> dict[str, Any]:
+    """An uninterrupted in-process sweep with plots and W&B (offline) enabled."""
+    out = env["base"] / "reference"
+    wdir = env["base"] / "wandb"
+    wdir.mkdir()
+    cfg = load_config(
+        make_config(
+            env,
+            wandb={"enabled": True, "project": "abl-test"},
+            plots={"enabled": True, "profile_steps": 2},
+        )
+    )
+    old = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(wdir), WANDB_SILENT="true")
+    try:
+        res = run_sweep(cfg, out, progress=False)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"out": out, "result": res, "wandb_dir": wdir, "cfg": cfg}
+
+
+# --------------------------------------------------------------------------------------
+# Config validation and grid expansion
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        (
+            {
+                "policies": [
+                    {"policy": "fixed"},
+                    {"policy": "threshold"},
+                    {"policy": "frechet", "args": {"margin": -0.1}},
+                ]
+            },
+            "policies[2].args.margin: Input should be greater than or equal to 0",
+        ),
+        (
+            {
+                "policies": [
+                    {"policy": "fixed"},
+                    {"policy": "threshold", "args": {"threshold": [0.5, 1.5]}},
+                ]
+            },
+            "policies[1].args.threshold[1]: Input should be less than or equal to 1",
+        ),
+        (
+            {"policies": [{"policy": "fixed"}, {"policy": "frechett"}]},
+            "policies[1].policy: unknown policy 'frechett'. Did you mean 'frechet'",
+        ),
+        (
+            {"policies": [{"policy": "fixed"}, {"policy": "factor", "argz": {}}]},
+            "policies[1].argz: unknown field",
+        ),
+        (
+            {"policies": [{"policy": "fixed"}, {"policy": "factor", "args": {"f": 0.5}}]},
+            "policies[1].args.f: unknown parameter of factor (allowed: factor)",
+        ),
+        (
+            {"policies": [{"policy": "fixed"}, {"matched": {"margins": [0.1, 1.2]}}]},
+            "policies[1].matched.margins: every margin must lie in [0, 1)",
+        ),
+        (
+            {"lengths": [{"gen_length": 30, "block_length": 8}]},
+            "lengths[0]: gen_length=30 is not a multiple of block_length=8",
+        ),
+        ({"caches": ["dual", "duall"]}, "caches[1].name: unknown cache 'duall'"),
+        (
+            {"tasks": [{"name": "fake_abl", "limit": 0}]},
+            "tasks[0].limit: Input should be greater than or equal to 1",
+        ),
+        (
+            {"baseline": {"policy": "threshold", "args": {"threshold": 0.3}}},
+            "baseline: no policy setting of the grid matches threshold",
+        ),
+        ({"batch_size": "many"}, "batch_size: Input should be a valid integer"),
+    ],
+)
+def test_invalid_configs_name_the_yaml_path(
+    env: dict[str, Any], tmp_path: Path, patch: dict[str, Any], expected: str
+) -> None:
+    path = write_config(tmp_path / "bad.yaml", make_config(env, **patch))
+    with pytest.raises(AblationConfigError) as info:
+        load_config(path)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_cli_reports_config_errors_before_loading_a_model(
+    env: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dlm_decode import cli
+    from dlm_decode.models import loading
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise AssertionError("the model must not load for an invalid config")
+
+    monkeypatch.setattr(loading, "load_model", boom)
+    bad = make_config(
+        env, policies=[{"policy": "fixed"}, {"policy": "frechet", "args": {"margin": [0.2, -1]}}]
+    )
+    path = write_config(tmp_path / "bad.yaml", bad)
+    assert cli.main(["ablate", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "policies[1].args.margin[1]: Input should be greater than or equal to 0" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_grid_expansion_products_matched_pairs_and_stable_ids(env: dict[str, Any]) -> None:
+    cfg = load_config(
+        make_config(
+            env,
+            caches=["prefix", "dual"],
+            seeds=[0, 1],
+            policies=[
+                {"policy": "fixed"},
+                {"policy": "threshold", "args": {"threshold": [0.5, 0.7, 0.9]}},
+                {"policy": "frechet_robust", "args": {"margin": [0.1, 0.2], "eta": [0.0, 0.05]}},
+                {"policy": "factor", "args": {"factor": 0.75}},
+                {"matched": {"margins": [0.15, 0.25, 0.3]}},
+            ],
+        )
+    )
+    settings = [(s.policy, s.args) for s in expand_settings(cfg)]
+    assert settings[:4] == [
+        ("fixed", {}),
+        ("threshold", {"threshold": 0.5}),
+        ("threshold", {"threshold": 0.7}),
+        ("threshold", {"threshold": 0.9}),
+    ]
+    assert len([s for s in settings if s[0] == "frechet_robust"]) == 4
+    matched = settings[-6:]
+    assert matched == [
+        ("factor", {"factor": 0.85}),
+        ("frechet", {"margin": 0.15}),
+        ("factor", {"factor": 0.75}),
+        ("frechet", {"margin": 0.25}),
+        ("factor", {"factor": 0.7}),
+        ("frechet", {"margin": 0.3}),
+    ]
+    runs = expand_runs(cfg)
+    # factor 0.75 appears twice in the grid (explicit and matched): one run per cache/seed.
+    n_settings = len(settings) - 1
+    assert len(runs) == n_settings * 2 * 2
+    fixed = [r for r in runs if r.policy_key == "fixed.v1"]
+    assert {r.steps for r in fixed} == {32}  # one token per step by default
+    assert all(r.steps is None for r in runs if r.policy_key != "fixed.v1")
+    # Ids ignore limit and batch size, and depend on everything that changes outputs.
+    again = expand_runs(
+        load_config(
+            make_config(
+                env,
+                caches=["prefix", "dual"],
+                seeds=[0, 1],
+                batch_size=7,
+                tasks=[{"name": "fake_abl", "limit": 3}],
+                policies=cfg.model_dump()["policies"],
+            )
+        )
+    )
+    assert [r.run_id for r in again] == [r.run_id for r in runs]
+    assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_shipped_configs_validate() -> None:
+    from dlm_decode.registry import get_registry
+
+    files = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
+    files += sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
+    assert len(files) >= 5
+    tasks = set(get_registry().names("task"))
+    for f in files:
+        cfg = load_config(f, validate_plugins=False)
+        if all(t.name in tasks for t in cfg.tasks):
+            load_config(f)
+            assert expand_runs(cfg)
+    sweep = load_config(ROOT / "experiments/configs/tiny_sweep.yaml", validate_plugins=False)
+    args = {(s.policy, tuple(s.args.values())) for s in expand_settings(sweep)}
+    for tau in (0.5, 0.7, 0.9):
+        assert ("threshold", (tau,)) in args
+    for f in (0.7, 0.75, 0.85, 1.0):
+        assert ("factor", (f,)) in args
+    for d in (0.0, 0.15, 0.25, 0.3):
+        assert ("frechet", (d,)) in args
+    assert {c.name for c in sweep.caches} == {"prefix", "dual"}
+
+
+# --------------------------------------------------------------------------------------
+# Storage, resume, kill -9
+# --------------------------------------------------------------------------------------
+
+
+def test_torn_final_line_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    with RowStore(path) as store:
+        store.append([{"run_id": "a", "sample_id": "1"}, {"run_id": "a", "sample_id": "2"}])
+    with open(path, "a") as f:
+        f.write('{"run_id": "a", "sample_id": "3", "comp')
+    assert [r["sample_id"] for r in read_rows(path)] == ["1", "2"]
+    assert repair_tail(path) > 0
+    with RowStore(path) as store:
+        store.append([{"run_id": "a", "sample_id": "3"}])
+    assert [r["sample_id"] for r in read_rows(path)] == ["1", "2", "3"]
+
+
+def test_sweep_outputs(reference: dict[str, Any]) -> None:
+    out: Path = reference["out"]
+    res = reference["result"]
+    for name in (
+        "config.resolved.yaml",
+        "environment.json",
+        "rows.jsonl",
+        "summary.md",
+        "summary.csv",
+        "report.md",
+        "frontier.png",
+        "commits_per_step.png",
+        "profiles.png",
+    ):
+        assert (out / name).is_file(), name
+    envj = json.loads((out / "environment.json").read_text())
+    for key in ("python", "torch", "transformers", "dlm_decode", "git", "cpu", "seeds"):
+        assert key in envj
+    rows = read_rows(out / "rows.jsonl")
+    assert len(rows) == 4 * 12
+    assert all(sum(r["commits"]) == 32 and len(r["commits"]) == r["nfe"] for r in rows)
+    table = {t["setting"]: t for t in res.table}
+    base = table["fixed()"]
+    assert base["is_baseline"] and base["speedup"] == 1.0 and base["nfe_per_sample"] == 32
+    fr = table["frechet(margin=0.25)"]
+    assert fr["nfe_reduction"] == pytest.approx(32 / fr["nfe_per_sample"])
+    assert fr["tokens_per_nfe"] > 1.0  # the peaky model commits in parallel
+    assert "| fake_abl | fixed() * | dual | 32/8 |" in (out / "summary.md").read_text()
+
+
+def _wait_rows(path: Path, proc: subprocess.Popen, n: int, timeout: float = 60.0) -> int:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if path.exists():
+            count = path.read_bytes().count(b"\n")
+            if count >= n:
+                return count
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    raise AssertionError(f"sweep did not write {n} rows in time (exit {proc.poll()})")
+
+
+def test_kill_9_and_resume_equals_uninterrupted(
+    env: dict[str, Any], reference: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg_path = write_config(tmp_path / "abl_test.yaml", make_config(env))
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlm_decode.cli",
+        "ablate",
+        str(cfg_path),
+        "--out",
+        str(out),
+        "--no-wandb",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=sub_env(env), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        written = _wait_rows(out / "rows.jsonl", proc, 6)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert written < 48, "the sweep finished before it could be killed"
+    before = read_rows(out / "rows.jsonl")
+    # Simulate a crash in the middle of a write as well: a torn final line.
+    with open(out / "rows.jsonl", "a") as f:
+        f.write('{"run_id": "' + before[-1]["run_id"] + '", "sample_id": "fake-0')
+    done = subprocess.run(
+        cmd, env=sub_env(env), cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dropped a torn final line" in done.stderr
+    after = read_rows(out / "rows.jsonl")
+    keys = [(r["run_id"], r["sample_id"]) for r in after]
+    assert len(keys) == len(set(keys)) == 48  # none twice, none lost
+    assert after[: len(before)] == before  # finished rows are never rewritten
+    ref_rows = rows_by_key(read_rows(reference["out"] / "rows.jsonl"))
+    assert rows_by_key(after) == ref_rows
+    assert strip_timing(read_table_csv(out / "summary.csv")) == strip_timing(
+        read_table_csv(reference["out"] / "summary.csv")
+    )
+    # A third invocation decodes nothing.
+    again = subprocess.run(
+        [*cmd, "--no-plots"],
+        env=sub_env(env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "0 samples to decode" in again.stderr
+
+
+# --------------------------------------------------------------------------------------
+# W&B offline read-back
+# --------------------------------------------------------------------------------------
+
+
+def _read_wandb_file(path: Path) -> dict[str, Any]:
+    """Parse an offline ``.wandb`` file (LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, payload = 32768, 7, b""
+    records = []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            rec = pb.Record()
+            rec.ParseFromString(payload)
+            records.append(rec)
+            payload = b""
+
+    def items(seq: Any) -> dict[str, Any]:
+        return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in seq}
+
+    out: dict[str, Any] = {"history": [], "summary": {}, "config": {}}
+    for rec in records:
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            out["history"].append(items(rec.history.item))
+        elif kind == "summary":
+            out["summary"].update(items(rec.summary.update))
+        elif kind == "config":
+            out["config"].update(items(rec.config.update))
+        elif kind == "run":
+            out["name"] = rec.run.display_name
+            out["config"].update(items(rec.run.config.update))
+            out["summary"].update(items(rec.run.summary.update))
+    return out
+
+
+def test_wandb_offline_logs_equal_the_rows_and_table(reference: dict[str, Any]) -> None:
+    pytest.importorskip("wandb")
+    files = sorted(reference["wandb_dir"].glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 5  # 4 runs + the summary run
+    runs = {}
+    for f in files:
+        rec = _read_wandb_file(f)
+        rid = rec["config"].get("run_id", "summary")
+        runs[rid["value"] if isinstance(rid, dict) else rid] = rec
+    res = reference["result"]
+    rows = read_sweep_rows(reference["out"])
+    for t in res.table:
+        rec = runs[t["run_id"]]
+        for key in ("accuracy", "nfe_per_sample", "tokens_per_nfe", "tokens_per_s", "n"):
+            assert rec["summary"][key] == pytest.approx(t[key]), key
+        mine = sorted(
+            (r for r in rows if r["run_id"] == t["run_id"]), key=lambda r: r["sample_index"]
+        )
+        hist = [h for h in rec["history"] if "sample/correct" in h]
+        assert [h["sample/correct"] for h in hist] == [int(r["correct"]) for r in mine]
+        assert [h["sample/nfe"] for h in hist] == [r["nfe"] for r in mine]
+        assert [h["sample/response_tokens"] for h in hist] == [r["response_tokens"] for r in mine]
+        assert any(k.startswith("commits/per_step_hist") for h in rec["history"] for k in h)
+        commits = [c for r in mine for c in r["commits"]]
+        assert rec["summary"]["commits/mean_per_step"] == pytest.approx(sum(commits) / len(commits))
+    assert any(k.startswith("plots/frontier") for h in runs["summary"]["history"] for k in h)
+    assert json.loads((reference["out"] / "wandb_logged.json").read_text())
+
+
+# --------------------------------------------------------------------------------------
+# Counterfactual trace and commit audit
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(env: dict[str, Any]) -> Any:
+    from dlm_decode.models import load_model
+
+    return load_model(str(env["ckpt"]))
+
+
+def test_counterfactual_trace(model: Any) -> None:
+    prompts = [model.tokenizer.encode(p) for p in ("copy: abcdef\n", "sort: 5123\n", "add: 9\n")]
+    margins = (0.0, 0.15, 0.25, 0.3)
+    pols = []
+    for d in margins:
+        pols += [("frechet", {"margin": d}), ("factor", {"factor": 1 - d})]
+    pols += [("threshold", {"threshold": 0.9}), ("fixed", {})]
+    cfg = DecodeConfig(
+        policy="frechet", policy_args={"margin": 0.25}, cache="dual", gen_length=32, block_length=8
+    )
+    tr = counterfactual_trace(model, prompts, cfg, pols)
+    assert tr.rows
+    # The driver's column is the decode's commit counts.
+    actual = tr.result.commit_counts  # (steps, B)
+    for row in tr.rows:
+        assert row["actual"] == int(actual[row["step_index"], row["row"]])
+        assert row["frechet(margin=0.25)"] == row["actual"]
+        assert row["fixed()"] == 1  # one token per step without a step budget
+        for d in margins:
+            assert row[f"frechet(margin={d:g})"] >= row[f"factor(factor={1 - d:g})"]
+            assert 1 <= row[f"frechet(margin={d:g})"] <= row["masked"]
+    assert any(r["actual"] > 1 for r in tr.rows)
+    assert tr.mean_counts()["actual"] > 1.0
+
+
+def test_commit_audit(model: Any) -> None:
+    prompts = [model.tokenizer.encode(p) for p in ("copy: abcdef\n", "sort: 5123\n")]
+    cfg = DecodeConfig(
+        policy="threshold",
+        policy_args={"threshold": 0.5},
+        cache="none",
+        gen_length=16,
+        block_length=8,
+    )
+    res = commit_audit(model, prompts, cfg, every=1, max_steps=6)
+    assert res.records
+    assert {r["block"] for r in res.records} <= {0, 1}
+    s = res.summary()
+    assert s["audited_steps"] == len(res.records)
+    assert s["parallel_steps"] >= 1
+    assert 0.0 <= s["token_disagreement"] <= s["step_disagreement"] <= 1.0
+    # A single-token commit from the same state is what a fresh forward proposes too.
+    assert s["single_disagreement"] == 0.0
+    # Every record agrees with the decode's own commits.
+    for r in res.records:
+        assert r["committed"] <= 8 and 0 <= r["mismatched"] <= r["committed"]
+
+
+def test_sweep_report_includes_counterfactual_and_audit(
+    env: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = load_config(
+        make_config(
+            env,
+            tasks=[{"name": "fake_abl", "limit": 2}],
+            counterfactual={"enabled": True, "samples": 2},
+            audit={"enabled": True, "samples": 1, "max_steps": 3},
+        )
+    )
+    run_sweep(cfg, tmp_path / "o", progress=False, use_wandb=False)
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "## Counterfactual trace" in report and "## Commit audit" in report
+    assert (tmp_path / "o" / "counterfactual.fake_abl.csv").is_file()
+    assert (tmp_path / "o" / "audit.csv").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# Data parallel
+# --------------------------------------------------------------------------------------
+
+
+def test_accelerate_two_processes_merge_to_the_same_rows(
+    env: dict[str, Any], reference: dict[str, Any], tmp_path: Path
+) -> None:
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate is not installed")
+    cfg_path = write_config(tmp_path / "abl_test.yaml", make_config(env))
+    out = tmp_path / "dp"
+    cmd = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dlm_decode.cli",
+        "ablate",
+        str(cfg_path),
+        "--out",
+        str(out),
+        "--no-wandb",
+        "--no-progress",
+        "--no-plots",
+    ]
+    e = sub_env(env)
+    e["ACCELERATE_USE_CPU"] = "true"
+    done = subprocess.run(cmd, env=e, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0/2" in done.stderr and "rank 1/2" in done.stderr
+    assert not list(out.glob("rows.rank*.jsonl"))  # merged by rank 0 after the barrier
+    rows = read_rows(out / "rows.jsonl")
+    assert {r["rank"] for r in rows} == {0, 1}
+    assert rows_by_key(rows) == rows_by_key(read_rows(reference["out"] / "rows.jsonl"))
+    assert strip_timing(read_table_csv(out / "summary.csv")) == strip_timing(
+        read_table_csv(reference["out"] / "summary.csv")
+    )
+
+
+def test_rank_files_left_behind_are_merged_by_the_next_run(
+    env: dict[str, Any], reference: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "left"
+    out.mkdir()
+    rows = read_rows(reference["out"] / "rows.jsonl")
+    for r in (0, 1):
+        (out / f"rows.rank{r}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[r::2]))
+    cfg = load_config(make_config(env))
+    res = run_sweep(cfg, out, progress=False, use_wandb=False, plots=False)
+    assert res.decoded == 0
+    assert not list(out.glob("rows.rank*.jsonl"))
+    assert rows_by_key(read_rows(out / "rows.jsonl")) == rows_by_key(rows)
+
+
+def test_module_docstring_example_config_is_valid(env: dict[str, Any]) -> None:
+    text = textwrap.dedent(
+        f"""
+        name: doc_example
+        plugins: [abl_fake_tasks]
+        model: {{name: "{env["ckpt"]}", device: cpu}}
+        tasks: [{{name: fake_abl, limit: 4}}]
+        caches: [prefix, dual]
+        lengths: [{{gen_length: 32, block_length: 8}}]
+        baseline: {{policy: fixed}}
+        policies:
+          - policy: fixed
+          - policy: threshold
+            args: {{threshold: [0.5, 0.7, 0.9]}}
+          - matched: {{margins: [0.15, 0.25, 0.3]}}
+        """
+    )
+    cfg = load_config(yaml.safe_load(text))
+    assert len(expand_runs(cfg)) == 2 * (1 + 3 + 6)
