@@ -11,12 +11,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from dlm_decode.config import DecodeConfig
 from dlm_decode.decoder import Decoder
 from dlm_decode.interfaces import Model
 from dlm_decode.tasks.base import Sample, Task
 
-__all__ = ["EvalResult", "encode_prompts", "evaluate", "get_task", "summarize"]
+__all__ = [
+    "EvalResult",
+    "decode_and_score",
+    "encode_prompts",
+    "evaluate",
+    "get_task",
+    "row_commits",
+    "summarize",
+]
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
@@ -159,26 +169,9 @@ def evaluate(
     wall = 0.0
     bar = tqdm(total=len(todo), desc=f"{task.name} {config.policy}", disable=not progress)
     for batch in _batches(todo, batch_size):
-        prompts = encode_prompts(model, [s.prompt for s in batch], chat=_task_chat(task, model))
-        t0 = time.perf_counter()
-        res = decoder.generate(prompts)
-        dt = time.perf_counter() - t0
+        batch_rows, dt = decode_and_score(decoder, task, batch)
         wall += dt
-        texts = res.texts(model.tokenizer)
-        lengths = res.response_lengths().tolist()
-        nfes = res.nfe_per_row.tolist()
-        scores = _score(task, batch, texts)
-        for s, text, n_tok, nfe, scored in zip(batch, texts, lengths, nfes, scores, strict=True):
-            row = {
-                "id": s.id,
-                "prompt": s.prompt,
-                "completion": text,
-                "response_tokens": int(n_tok),
-                "nfe": int(nfe),
-                "latency_s": dt / len(batch),
-                **scored,
-            }
-            row["correct"] = bool(row["correct"])
+        for row in batch_rows:
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -187,6 +180,69 @@ def evaluate(
             bar.set_postfix(acc=f"{sum(r['correct'] for r in rows) / len(rows):.3f}")
     bar.close()
     return EvalResult(rows=rows, summary=summarize(rows, wall))
+
+
+def row_commits(
+    commit_counts: torch.Tensor, step_blocks: torch.Tensor, col: int
+) -> tuple[list[int], list[int]]:
+    """One row's tokens committed per step (steps where it had work) and steps per block.
+
+    Args:
+        commit_counts: ``(steps, B)`` of a
+            [`GenerationResult`][dlm_decode.decoder.GenerationResult].
+        step_blocks: ``(steps,)`` block index of each step.
+        col: the row.
+    """
+    commits: list[int] = []
+    per_block: dict[int, int] = {}
+    for n, b in zip(commit_counts[:, col].tolist(), step_blocks.tolist(), strict=True):
+        if n > 0:
+            commits.append(int(n))
+            per_block[b] = per_block.get(b, 0) + 1
+    return commits, [per_block[b] for b in sorted(per_block)]
+
+
+def decode_and_score(
+    decoder: Decoder, task: Task, samples: Sequence[Sample]
+) -> tuple[list[dict[str, Any]], float]:
+    """Decode one batch of samples together and score it.
+
+    Args:
+        decoder: a resolved decoder (model + config).
+        task: the task that scores the completions.
+        samples: the batch.
+
+    Returns:
+        One row per sample (``id``, ``prompt``, ``completion``, ``response_tokens``, ``nfe``,
+        ``latency_s``, ``commits``, ``block_steps`` and the task's score fields; a score field
+        never overrides these) and the batch's decode wall time in seconds.
+    """
+    model = decoder.model
+    prompts = encode_prompts(model, [s.prompt for s in samples], chat=_task_chat(task, model))
+    t0 = time.perf_counter()
+    res = decoder.generate(prompts)
+    dt = time.perf_counter() - t0
+    texts = res.texts(model.tokenizer)
+    lengths = res.response_lengths().tolist()
+    nfes = res.nfe_per_row.tolist()
+    scores = _score(task, samples, texts)
+    rows = []
+    for j, s in enumerate(samples):
+        commits, block_steps = row_commits(res.commit_counts, res.step_blocks, j)
+        row: dict[str, Any] = {
+            "id": s.id,
+            "prompt": s.prompt,
+            "completion": texts[j],
+            "response_tokens": int(lengths[j]),
+            "nfe": int(nfes[j]),
+            "latency_s": dt / len(samples),
+            "commits": commits,
+            "block_steps": block_steps,
+        }
+        row.update({k: v for k, v in scores[j].items() if k not in row})
+        row["correct"] = bool(scores[j].get("correct", False))
+        rows.append(row)
+    return rows, dt
 
 
 def _score(task: Task, batch: Sequence[Sample], texts: Sequence[str]) -> list[dict[str, Any]]:

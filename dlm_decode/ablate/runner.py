@@ -195,18 +195,6 @@ def _resolve_device(name: str | None) -> str:
     return name
 
 
-def _row_commits(counts: Any, step_blocks: Any, col: int) -> tuple[list[int], list[int]]:
-    """A row's tokens committed per step (steps with work only) and steps per block."""
-    c = counts[:, col].tolist()
-    blocks = step_blocks.tolist()
-    commits, per_block = [], {}
-    for n, b in zip(c, blocks, strict=True):
-        if n > 0:
-            commits.append(int(n))
-            per_block[b] = per_block.get(b, 0) + 1
-    return commits, [per_block[b] for b in sorted(per_block)]
-
-
 def decode_batch(
     model: Any,
     task: Any,
@@ -227,10 +215,9 @@ def decode_batch(
         One row per sample.
     """
     from dlm_decode.decoder import Decoder
-    from dlm_decode.evaluate import _score, _task_chat, encode_prompts
+    from dlm_decode.evaluate import decode_and_score
 
     samples = [s for _, s in batch]
-    prompts = encode_prompts(model, [s.prompt for s in samples], chat=_task_chat(task, model))
     cfg = run.decode_config()
     groups: list[tuple[list[int], Any]] = []
     if run.temperature > 0:  # sampled: each sample alone with its own seed
@@ -241,31 +228,17 @@ def decode_batch(
         groups.append((list(range(len(samples))), cfg))
     rows: list[dict[str, Any] | None] = [None] * len(samples)
     for members, c in groups:
-        t0 = time.perf_counter()
-        res = Decoder(model, c).generate([prompts[k] for k in members])
-        dt = time.perf_counter() - t0
-        texts = res.texts(model.tokenizer)
-        lengths = res.response_lengths().tolist()
-        nfes = res.nfe_per_row.tolist()
-        scores = _score(task, [samples[k] for k in members], texts)
-        for j, k in enumerate(members):
-            commits, block_steps = _row_commits(res.commit_counts, res.step_blocks, j)
-            score = dict(scores[j])
+        base_rows, _ = decode_and_score(Decoder(model, c), task, [samples[k] for k in members])
+        for k, base in zip(members, base_rows, strict=True):
+            base.pop("prompt")
             row: dict[str, Any] = {
                 "run_id": run.run_id,
-                "sample_id": samples[k].id,
+                "sample_id": base.pop("id"),
                 "sample_index": batch[k][0],
                 "rank": rank,
                 **run.describe(),
-                "completion": texts[j],
-                "response_tokens": int(lengths[j]),
-                "nfe": int(nfes[j]),
-                "latency_s": dt / len(members),
-                "commits": commits,
-                "block_steps": block_steps,
             }
-            row.update({k2: v for k2, v in score.items() if k2 not in row})
-            row["correct"] = bool(score.get("correct", False))
+            row.update({k2: v for k2, v in base.items() if k2 not in row})
             rows[k] = row
     return [r for r in rows if r is not None]
 
