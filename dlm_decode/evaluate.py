@@ -102,7 +102,8 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> di
 
     Returns:
         ``accuracy``, ``n``, ``tokens_per_s``, ``nfe_total``, ``nfe_per_sample``,
-        ``tokens_per_nfe``, ``wall_s``, and ``accuracy_<group>`` per ``family`` if present.
+        ``tokens_per_nfe``, ``wall_s``, ``accuracy_<x>`` for every boolean ``correct_<x>`` field
+        (GSM8K's ``correct_strict``), and ``accuracy_<family>`` per ``family`` if present.
     """
     n = len(rows)
     if n == 0:
@@ -120,6 +121,13 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> di
         "response_tokens": toks,
         "wall_s": wall,
     }
+    # Other boolean verdicts, e.g. GSM8K's strict extraction: correct_strict → accuracy_strict.
+    extra = sorted(
+        {k for r in rows for k, v in r.items() if k.startswith("correct_") and isinstance(v, bool)}
+    )
+    for key in extra:
+        vals = [r[key] for r in rows if key in r]
+        out[f"accuracy_{key[len('correct_') :]}"] = sum(vals) / len(vals)
     families = sorted({r["family"] for r in rows if "family" in r})
     for fam in families:
         sel = [r for r in rows if r.get("family") == fam]
