@@ -105,7 +105,21 @@ def _count(
     return (policy.select(conf, masked, st) & masked).sum(-1)
 
 
-class CounterfactualPolicy(CommitPolicy):
+class _Delegating(CommitPolicy):
+    """A policy wrapper that lets ``real`` decide and presents itself under ``real``'s key."""
+
+    def __init__(self, real: CommitPolicy) -> None:
+        super().__init__(real.params)
+        self.real = real
+        self.requires = tuple(getattr(real, "requires", ()))
+
+    @property
+    def key(self) -> str:
+        """The real policy's key."""
+        return self.real.key
+
+
+class CounterfactualPolicy(_Delegating):
     """Delegates ``select`` to a real policy and records what the others would commit.
 
     The records stay on the device until :meth:`table` (no host sync inside ``select``).
@@ -125,18 +139,11 @@ class CounterfactualPolicy(CommitPolicy):
         others: Mapping[str, tuple[CommitPolicy, int | None]],
         block_length: int,
     ) -> None:
-        super().__init__(real.params)
-        self.real = real
+        super().__init__(real)
         self.others = dict(others)
         self.block_length = block_length
-        self.requires = tuple(getattr(real, "requires", ()))
         # (block, step, masked (B,), counts (B, 1 + K))
         self.records: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-
-    @property
-    def key(self) -> str:
-        """The real policy's key."""
-        return self.real.key
 
     def select(
         self, confidence: torch.Tensor, masked: torch.Tensor, state: StepState
@@ -285,7 +292,7 @@ class _RecordingCache(Cache):
         return self._keep(x, block_start, block_end, out)
 
 
-class AuditPolicy(CommitPolicy):
+class AuditPolicy(_Delegating):
     """Delegates to a real policy; at sampled steps re-decodes its commit set sequentially.
 
     Args:
@@ -306,21 +313,14 @@ class AuditPolicy(CommitPolicy):
         every: int = 1,
         max_steps: int | None = None,
     ) -> None:
-        super().__init__(real.params)
-        self.real = real
+        super().__init__(real)
         self.recorder = recorder
         self.model = model
         self.every = every
         self.max_steps = max_steps
-        self.requires = tuple(getattr(real, "requires", ()))
         self.records: list[dict[str, Any]] = []
         self._seen = 0
         self._audited = 0
-
-    @property
-    def key(self) -> str:
-        """The real policy's key."""
-        return self.real.key
 
     def select(
         self, confidence: torch.Tensor, masked: torch.Tensor, state: StepState
