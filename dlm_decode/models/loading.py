@@ -313,10 +313,16 @@ def load_tokenizer(folder: str | Path, fallbacks: Iterable[str] = ()) -> Any:
     import transformers
 
     errors = []
+    # AutoTokenizer reads config.json and warns that it does not know `llada`/`Dream`
+    # model types; the tokenizer files are all it needs, so keep that warning quiet.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as exc:  # fall through to the architecture's known classes
         errors.append(f"AutoTokenizer: {exc}")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     for name in fallbacks:
         cls = getattr(transformers, name, None)
         if cls is None:
