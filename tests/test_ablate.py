@@ -719,3 +719,28 @@ def test_module_docstring_example_config_is_valid(env: dict[str, Any]) -> None:
     )
     cfg = load_config(yaml.safe_load(text))
     assert len(expand_runs(cfg)) == 2 * (1 + 3 + 6)
+
+
+@pytest.mark.skipif(
+    not (
+        Path(__file__).resolve().parents[1] / "dlm_decode/assets/tiny/model.safetensors"
+    ).is_file(),
+    reason="the shipped tiny checkpoint is not built",
+)
+def test_ci_size_sweep_on_the_shipped_tiny_model_runs_end_to_end(tmp_path: Path) -> None:
+    """experiments/configs/tiny_ci.yaml, exactly as a user runs it, on the real tiny model."""
+    from dlm_decode.cli import main
+
+    cfg = Path(__file__).resolve().parents[1] / "experiments/configs/tiny_ci.yaml"
+    out = tmp_path / "tiny_ci"
+    assert main(["ablate", str(cfg), "--no-wandb", "--out", str(out)]) == 0
+    rows = read_rows(out / "rows.jsonl")
+    settings = {r["run_id"] for r in rows}
+    assert len(rows) == 10 * len(settings) and len(settings) == 4
+    assert all(sum(r["commits"]) == 64 and len(r["commits"]) == r["nfe"] for r in rows)
+    table = (out / "summary.csv").read_text().splitlines()
+    assert len(table) == 1 + len(settings)
+    assert (out / "frontier.png").stat().st_size > 0
+    # Rerunning the same command computes nothing new and keeps every row.
+    assert main(["ablate", str(cfg), "--no-wandb", "--out", str(out)]) == 0
+    assert len(read_rows(out / "rows.jsonl")) == len(rows)
