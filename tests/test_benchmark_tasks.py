@@ -376,41 +376,15 @@ def test_code_reference_solutions_pass_at_least_99_percent() -> None:
 # evaluate() and the CLI on a tiny random model
 
 
-def _char_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer matching the tiny config (EOS/pad 1, mask 127)."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as RawTokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<|endoftext|>": 1}
-    for ch in "\n" + "".join(map(chr, range(32, 127))):
-        vocab[ch] = len(vocab)
-    while len(vocab) < 127:
-        vocab[f"<unused{len(vocab)}>"] = len(vocab)
-    vocab["<|mdm_mask|>"] = 127
-    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    raw.decoder = decoders.Fuse()
-    raw.add_special_tokens(["<unk>", "<|endoftext|>", "<|mdm_mask|>"])
-    PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        unk_token="<unk>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        mask_token="<|mdm_mask|>",
-        clean_up_tokenization_spaces=False,
-    ).save_pretrained(str(folder))
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dlm_decode.models.testing import write_random_checkpoint
+    from dlm_decode.models.testing import write_char_tokenizer, write_random_checkpoint
 
     # max_length 4096: 5-shot GSM8K prompts are ~2-3k characters (= tokens here).
     folder = write_random_checkpoint(
         tmp_path_factory.mktemp("tiny") / "ckpt", "llada", seed=1, max_length=4096
     )
-    _char_tokenizer(folder)
+    write_char_tokenizer(folder)
     return folder
 
 

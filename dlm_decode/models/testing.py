@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TOKENIZER_FILES", "tiny_config", "write_random_checkpoint"]
+__all__ = ["TOKENIZER_FILES", "tiny_config", "write_char_tokenizer", "write_random_checkpoint"]
 
 #: Files copied when ``tokenizer`` is a folder.
 TOKENIZER_FILES = (
@@ -180,3 +180,41 @@ def write_random_checkpoint(
             json.dump(index, f, indent=2)
     _save_tokenizer(tokenizer, folder)
     return folder
+
+
+def write_char_tokenizer(folder: str | Path) -> Path:
+    """Save a character-level tokenizer that fits :func:`tiny_config`'s LLaDA ids.
+
+    Printable ASCII and newline, one token per character, decoding concatenates; EOS/pad id
+    1 (``<|endoftext|>``) and mask id 127 (``<|mdm_mask|>``), the ids of a default tiny
+    LLaDA checkpoint. Tests use it to decode text with random checkpoints.
+
+    Args:
+        folder: a checkpoint folder (written into in place).
+
+    Returns:
+        ``folder``.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1}
+    for ch in "\n" + "".join(map(chr, range(32, 127))):
+        vocab[ch] = len(vocab)
+    while len(vocab) < 127:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+    vocab["<|mdm_mask|>"] = 127
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    raw.add_special_tokens(["<unk>", "<|endoftext|>", "<|mdm_mask|>"])
+    PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        unk_token="<unk>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        mask_token="<|mdm_mask|>",
+        clean_up_tokenization_spaces=False,
+    ).save_pretrained(str(folder))
+    return Path(folder)
