@@ -499,30 +499,24 @@ def _write_json(path: str | None, meta: dict[str, Any], rows: Sequence[BenchRow]
 # the command
 
 
-def _device(name: str | None) -> str:
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return name
-
-
 def _load_model(args: argparse.Namespace, total: int) -> tuple[Any, str]:
     if args.model is not None and args.arch is not None:
         raise BenchError("give either --model (a checkpoint) or --arch (random weights), not both")
     if args.model is not None:
         if args.random_weights:
             raise BenchError("--random-weights goes with --arch; --model loads a checkpoint")
-        from dlm_decode.models import load_model
+        from dlm_decode.models.loading import load_model, resolve_device
 
-        return load_model(args.model, device=_device(args.device), dtype=args.dtype), args.model
+        model = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
+        return model, args.model
     arch = args.arch or "tiny"
     if arch in BIG_ARCHS:
         wants_cpu = args.device is not None and not args.device.startswith("cuda")
         if wants_cpu or not torch.cuda.is_available():
             raise BenchError(f"{arch} needs a GPU; use --arch tiny on CPU")
-    device = _device(args.device)
-    from dlm_decode.models import build_model
+    from dlm_decode.models.loading import build_model, resolve_device
+
+    device = resolve_device(args.device)
 
     config = arch_config(arch, total)
     return build_model(config, device=device, dtype=args.dtype, seed=args.seed), arch

@@ -98,19 +98,9 @@ def _decode_config(args: argparse.Namespace, **over: Any):
 
 
 def _load(args: argparse.Namespace):
-    from dlm_decode.models import load_model
+    from dlm_decode.models.loading import load_model, resolve_device
 
-    return load_model(args.model, device=_device(args.device), dtype=args.dtype)
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return name
+    return load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
 
 
 # --------------------------------------------------------------------------------------

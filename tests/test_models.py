@@ -450,3 +450,16 @@ def test_native_model_matches_transformers_llama_qwen2_with_bidirectional_mask(t
     # transformers computes RoPE frequencies in float32: agreement to ~1e-7, not 1e-15.
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert (causal - got).abs().max() > 1e-2  # the mask really made it bidirectional
+
+
+def test_resolve_device_defaults_and_refuses_missing_cuda(monkeypatch):
+    from dlm_decode.models.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu"
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"no CUDA device.*use cpu"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == "cuda"
+    assert resolve_device("cuda:1") == "cuda:1"

@@ -185,16 +185,6 @@ class SweepResult:
     decoded: int = 0
 
 
-def _resolve_device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"model.device {name!r}: no CUDA device is available here; use cpu")
-    return name
-
-
 def decode_batch(
     model: Any,
     task: Any,
@@ -274,12 +264,12 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     from dlm_decode.evaluate import get_task
-    from dlm_decode.models import load_model
+    from dlm_decode.models.loading import load_model, resolve_device
 
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = _resolve_device(device or cfg.model.device)
+    dev = resolve_device(device or cfg.model.device)
     if cfg.model.threads is not None:
         import torch
 

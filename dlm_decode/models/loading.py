@@ -27,6 +27,7 @@ __all__ = [
     "load_tokenizer",
     "read_config",
     "read_weights",
+    "resolve_device",
     "resolve_dtype",
     "resolve_model_folder",
 ]
@@ -145,6 +146,20 @@ _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def resolve_device(name: str | None) -> str:
+    """The device to run on: ``name``, or ``cuda`` when one is available and ``name`` is
+    ``None``, else ``cpu``.
+
+    Raises:
+        ValueError: ``name`` asks for CUDA and none is available (says to use ``cpu``).
+    """
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available here; use cpu")
+    return name
 
 
 def resolve_dtype(
