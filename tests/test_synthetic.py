@@ -19,7 +19,9 @@ from dlm_decode.tasks.synthetic import (
     heldout_problems,
     make_problem,
     prompt_hash,
+    score_problem,
     train_stream,
+    validation_problems,
 )
 
 
@@ -47,7 +49,7 @@ def test_heldout_is_fixed_distinct_and_interleaved() -> None:
     assert len(held) == HELDOUT_SIZE >= 500
     assert len({p.prompt for p in held}) == len(held)
     fams = list(FAMILIES)
-    assert [p.family for p in held[:10]] == fams + fams
+    assert [p.family for p in held[: 2 * len(fams)]] == fams + fams
     counts = Counter(p.family for p in held)
     assert set(counts) == set(FAMILIES) and min(counts.values()) == HELDOUT_SIZE // len(fams)
     samples = SyntheticTask().samples(limit=200)
@@ -55,11 +57,28 @@ def test_heldout_is_fixed_distinct_and_interleaved() -> None:
     assert [s.prompt for s in samples] == [p.prompt for p in held[:200]]
 
 
-def test_training_stream_never_yields_a_heldout_prompt() -> None:
+def test_adding_hide_kept_the_version_1_problems() -> None:
+    """The five families of version 1 keep their held-out problems (first of each below)."""
+    held = [p for p in heldout_problems() if p.family != "hide"]
+    assert len(held) == 500
+    assert [p.prompt for p in held[:5]] == [
+        "copy: jigiuroujgttdoky\n",
+        "reverse: rzusjbubxlfryawf\n",
+        "sort: 1143134214112224\n",
+        "add: 636+890\n",
+        "Gus has 43 pens, finds 3, gives 4.\n",
+    ]
+
+
+def test_training_stream_never_yields_a_heldout_or_validation_prompt() -> None:
     held = {prompt_hash(p.prompt) for p in heldout_problems()}
-    # Re-drawing from the held-out seed reproduces held-out prompts; the stream skips them.
-    for p in itertools.islice(train_stream(20240917), 3000):
-        assert prompt_hash(p.prompt) not in held
+    val = {prompt_hash(p.prompt) for p in validation_problems()}
+    assert not held & val
+    assert {p.family for p in validation_problems()} == set(FAMILIES)
+    # Re-drawing from a split's seed reproduces its prompts; the stream skips them.
+    for seed in (20240917, 20241105):
+        for p in itertools.islice(train_stream(seed), 3000):
+            assert prompt_hash(p.prompt) not in held | val
 
 
 def test_answers_are_16_to_96_tokens(tokenizer: Any) -> None:
@@ -81,6 +100,10 @@ def test_answers_are_correct() -> None:
         elif p.family == "add":
             a, b = map(int, body.split("+"))
             assert p.answer.endswith(f";{a + b}")
+        elif p.family == "hide":
+            assert len(p.answer) == len(body) == 16 and p.answer.count("*") == 1
+            i = p.answer.index("*")
+            assert p.answer[:i] + body[i] + p.answer[i + 1 :] == body
         else:
             nums = [int(w.strip(",.")) for w in p.prompt.split() if w.strip(",.").isdigit()]
             assert p.answer.endswith(f"Answer: {nums[0] + nums[1] - nums[2]}")
@@ -98,6 +121,25 @@ def test_scoring_is_exact_per_family() -> None:
         flipped = s.reference[:-1] + ("0" if s.reference[-1] != "0" else "1")
         assert not task.score(s, flipped)["correct"]
     assert task.name == "synthetic" and task.chat is False
+
+
+def test_hide_accepts_every_valid_answer_and_nothing_else() -> None:
+    prompt = "hide one: abcdefghijklmnop\n"
+    src = "abcdefghijklmnop"
+    for i in range(16):
+        assert score_problem("hide", prompt, "*" + src[1:], src[:i] + "*" + src[i + 1 :])[0]
+    wrong = [
+        src,  # nothing hidden
+        "**" + src[2:],  # two hidden
+        "*" + src[1:-1] + "x",  # hidden one and changed another
+        "*" + src[1:-1],  # too short
+        "*" + src[1:] + "q",  # too long
+        "",
+    ]
+    for w in wrong:
+        assert not score_problem("hide", prompt, "*" + src[1:], w)[0], w
+    # the other families stay exact-match
+    assert not score_problem("copy", "copy: ab\n", "ab", "ba")[0]
 
 
 def test_tokenizer_round_trip(tokenizer: Any) -> None:

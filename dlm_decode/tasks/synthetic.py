@@ -1,6 +1,6 @@
 """A seeded synthetic task suite with exactly checkable answers, for the shipped tiny model.
 
-Five problem families, chosen so that the model's per-position confidence profiles differ:
+Six problem families, chosen so that the model's per-position confidence profiles differ:
 
 * ``copy`` — copy a lowercase string (every position is easy: flat, high profile);
 * ``reverse`` — reverse a lowercase string (position lookups, mostly confident);
@@ -8,7 +8,15 @@ Five problem families, chosen so that the model's per-position confidence profil
 * ``add`` — column addition written right to left with the carries shown, then the sum
   (each column's result depends on the carry of the column before it);
 * ``word`` — a templated word problem with a two-line worked solution ending in
-  ``Answer: N`` (fixed text is certain, the arithmetic is not).
+  ``Answer: N`` (fixed text is certain, the arithmetic is not);
+* ``hide`` — copy a lowercase string with exactly one letter, any one, replaced by ``*``.
+  Sixteen answers are right, so a calibrated model is about 15/16 sure of every copied
+  letter and 1/16 sure of each ``*``. Committing every letter it is 90 % sure of
+  commits no ``*`` and is wrong. This is the joint-versus-marginal failure that the
+  Fréchet rule guards against.
+
+Every family but ``hide`` has one right answer, scored by exact match; ``hide`` is scored by
+an exact check of validity (:func:`score_problem`).
 
 Prompts are plain text ending in a newline (no chat template); the answer is the text the
 model should generate, followed by EOS padding. Every answer is 16–37 characters, i.e.
@@ -16,7 +24,7 @@ model should generate, followed by EOS padding. Every answer is 16–37 characte
 
 The held-out split is a fixed list of :data:`HELDOUT_SIZE` problems drawn from
 :data:`HELDOUT_SEED` with families interleaved; training streams (:func:`train_stream`)
-skip every prompt whose hash is in the held-out set, so the two are disjoint by
+skip every prompt whose hash is in the held-out or validation set, so they are disjoint by
 construction.
 """
 
@@ -40,6 +48,8 @@ __all__ = [
     "HELDOUT_SEED",
     "HELDOUT_SIZE",
     "SPECIAL_TOKENS",
+    "VALIDATION_SEED",
+    "VALIDATION_SIZE",
     "Problem",
     "SyntheticTask",
     "build_tokenizer",
@@ -47,13 +57,19 @@ __all__ = [
     "make_problem",
     "prompt_hash",
     "score_completion",
+    "score_problem",
     "train_stream",
+    "validation_problems",
 ]
 
 #: Seed of the held-out split.
 HELDOUT_SEED = 20240917
 #: Number of held-out problems (families interleaved, equal counts).
-HELDOUT_SIZE = 500
+HELDOUT_SIZE = 600
+#: Seed of the validation split (model selection while training; never the held-out set).
+VALIDATION_SEED = 20241105
+#: Number of validation problems.
+VALIDATION_SIZE = 1200
 #: Special tokens of the tiny tokenizer, in id order (ids 0..3).
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>")
 #: Every character a prompt or an answer may contain (ids 4.. in the tokenizer).
@@ -128,6 +144,15 @@ def _word(rng: random.Random) -> Problem:
     return Problem("word", prompt, answer)
 
 
+HIDE_MARK = "*"
+
+
+def _hide(rng: random.Random) -> Problem:
+    s = _letters(rng, STRING_LENGTH, STRING_LENGTH)
+    i = rng.randrange(STRING_LENGTH)
+    return Problem("hide", f"hide one: {s}\n", s[:i] + HIDE_MARK + s[i + 1 :])
+
+
 #: Family name -> generator taking a ``random.Random``.
 FAMILIES: dict[str, Callable[[random.Random], Problem]] = {
     "copy": _copy,
@@ -135,7 +160,12 @@ FAMILIES: dict[str, Callable[[random.Random], Problem]] = {
     "sort": _sort,
     "add": _add,
     "word": _word,
+    "hide": _hide,
 }
+# Families drawn from a split's seed in turn, then families added later (each from the
+# seed + its group index), so adding a family leaves the earlier families' problems as they
+# were: the five of version 1 of the suite, then ``hide``.
+_GROUPS: tuple[tuple[str, ...], ...] = (("copy", "reverse", "sort", "add", "word"), ("hide",))
 
 
 def make_problem(rng: random.Random, family: str | None = None) -> Problem:
@@ -157,6 +187,31 @@ def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:20]
 
 
+def _distinct(size: int, seed: int, banned: frozenset[str] = frozenset()) -> tuple[Problem, ...]:
+    """``size`` distinct problems, problem ``i`` of family ``i % len(FAMILIES)``.
+
+    Each family group of :data:`_GROUPS` draws from its own generator (``seed + group``),
+    cycling through its families, so problems of earlier families do not depend on later
+    ones. Prompts in ``banned`` and repeated prompts are skipped.
+    """
+    fams = list(FAMILIES)
+    group_of = {f: g for g, names in enumerate(_GROUPS) for f in names}
+    rngs = [random.Random(seed + g) for g in range(len(_GROUPS))]
+    turns = [0] * len(_GROUPS)
+    seen: set[str] = set()
+    out: list[Problem] = []
+    while len(out) < size:
+        g = group_of[fams[len(out) % len(fams)]]
+        names = _GROUPS[g]
+        p = make_problem(rngs[g], names[turns[g] % len(names)])
+        if p.prompt in seen or (banned and prompt_hash(p.prompt) in banned):
+            continue
+        seen.add(p.prompt)
+        turns[g] += 1
+        out.append(p)
+    return tuple(out)
+
+
 @lru_cache(maxsize=4)
 def heldout_problems(size: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> tuple[Problem, ...]:
     """The fixed held-out split: ``size`` distinct problems, families interleaved.
@@ -171,17 +226,7 @@ def heldout_problems(size: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> tupl
     Returns:
         The problems, in a deterministic order.
     """
-    rng = random.Random(seed)
-    fams = list(FAMILIES)
-    seen: set[str] = set()
-    out: list[Problem] = []
-    while len(out) < size:
-        p = make_problem(rng, fams[len(out) % len(fams)])
-        if p.prompt in seen:
-            continue
-        seen.add(p.prompt)
-        out.append(p)
-    return tuple(out)
+    return _distinct(size, seed)
 
 
 @lru_cache(maxsize=4)
@@ -189,8 +234,34 @@ def _heldout_hashes(size: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> froze
     return frozenset(prompt_hash(p.prompt) for p in heldout_problems(size, seed))
 
 
+@lru_cache(maxsize=2)
+def validation_problems(size: int = VALIDATION_SIZE) -> tuple[Problem, ...]:
+    """The validation split used to select checkpoints while training.
+
+    Disjoint from the held-out split (whose prompts are skipped) and from every training
+    stream (which skips both), families interleaved like :func:`heldout_problems`.
+
+    Args:
+        size: number of problems (at most :data:`VALIDATION_SIZE` are excluded from
+            training, so a larger ``size`` overlaps the training streams).
+
+    Returns:
+        The problems, in a deterministic order.
+    """
+    return _distinct(size, VALIDATION_SEED, _heldout_hashes())
+
+
+@lru_cache(maxsize=1)
+def _banned_for_training() -> frozenset[str]:
+    return _heldout_hashes() | frozenset(
+        prompt_hash(p.prompt) for p in validation_problems(VALIDATION_SIZE)
+    )
+
+
 def train_stream(seed: int) -> Iterator[Problem]:
     """An endless stream of training problems that never repeats a held-out prompt.
+
+    Validation prompts (:func:`validation_problems`) are skipped as well.
 
     Args:
         seed: seed of the stream (any value; the held-out set is excluded whatever it is).
@@ -199,7 +270,7 @@ def train_stream(seed: int) -> Iterator[Problem]:
         Problems of uniformly random families.
     """
     rng = random.Random(seed)
-    banned = _heldout_hashes()
+    banned = _banned_for_training()
     while True:
         p = make_problem(rng)
         if prompt_hash(p.prompt) in banned:
@@ -224,15 +295,52 @@ def score_completion(problem_answer: str, completion: str) -> tuple[bool, str]:
     return extracted == problem_answer, extracted
 
 
+def _hide_valid(prompt: str, answer: str) -> bool:
+    source = prompt.split(": ", 1)[-1].rstrip("\n")
+    diff = [i for i, (a, b) in enumerate(zip(source, answer, strict=False)) if a != b]
+    return (
+        len(answer) == len(source)
+        and answer.count(HIDE_MARK) == 1
+        and len(diff) == 1
+        and answer[diff[0]] == HIDE_MARK
+    )
+
+
+def score_problem(family: str, prompt: str, reference: str, completion: str) -> tuple[bool, str]:
+    """Score a completion the way its family is scored.
+
+    ``hide`` accepts any of its valid answers (the source string with exactly one letter
+    replaced by ``*``); every other family is an exact match with ``reference``
+    (:func:`score_completion`).
+
+    Args:
+        family: the problem's family.
+        prompt: the problem's prompt.
+        reference: the reference answer.
+        completion: the decoded response (already cut at the first EOS).
+
+    Returns:
+        ``(correct, extracted)``, ``extracted`` being the stripped completion.
+    """
+    ok, extracted = score_completion(reference, completion)
+    if family == "hide":
+        ok = _hide_valid(prompt, extracted)
+    return ok, extracted
+
+
 class SyntheticTask(Task):
     """The synthetic held-out suite as an evaluation task (name ``synthetic``).
 
     Samples come in a deterministic order with families interleaved; ``score`` is an exact
-    match of the whole answer (worked steps included).
+    match of the whole answer (worked steps included), and for ``hide`` an exact check that
+    the answer is one of the valid ones (:func:`score_problem`).
+
+    Version 2 added the ``hide`` family (the held-out problems of the other five families are
+    those of version 1).
     """
 
     name = "synthetic"
-    version = 1
+    version = 2
     chat = False
 
     def samples(self, limit: int | None = None) -> list[Sample]:
@@ -267,8 +375,9 @@ class SyntheticTask(Task):
         Returns:
             ``{"correct": bool, "extracted": str, "family": str}``.
         """
-        ok, extracted = score_completion(sample.reference, completion)
-        return {"correct": ok, "extracted": extracted, "family": sample.meta["family"]}
+        fam = sample.meta["family"]
+        ok, extracted = score_problem(fam, sample.prompt, sample.reference, completion)
+        return {"correct": ok, "extracted": extracted, "family": fam}
 
 
 def build_tokenizer(out_dir: str | Path | None = None) -> Any:
