@@ -9,13 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/dlm_decode_gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
-
-# pydantic & co. are not on the device image: install the wheels carried in .whl/.
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
-fi
+# shellcheck source=experiments/gpu/device_env.sh
+source experiments/gpu/device_env.sh
 
 {
   date -u

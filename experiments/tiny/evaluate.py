@@ -2,7 +2,7 @@
 
 Usage::
 
-    python experiments/tiny/evaluate.py --n 500 --update-log
+    python experiments/tiny/evaluate.py --n 600 --update-log
 
 Runs every setting through ``dlm_decode.evaluate.evaluate`` (the code behind
 ``dlm-decode eval``) on the held-out synthetic problems, prints a Markdown table (overall
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     """Evaluate every setting and print (and optionally store) the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny")
-    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--n", type=int, default=600)
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--block-length", type=int, default=16)
     p.add_argument("--batch", type=int, default=100)

@@ -12,7 +12,16 @@ answer slots (``B · gen_length``).
 
 Usage::
 
-    python experiments/tiny/train.py --steps 5000 --max-minutes 45
+    python experiments/tiny/train.py --steps 5000 --max-minutes 45          # CPU
+    python experiments/tiny/train.py --device cuda --batch 512 --steps 20000  # a GPU
+
+Training rows come from a pool of ``--pool`` problems generated up front by ``--workers``
+processes (each chunk of the pool has its own seed, so the pool does not depend on the
+number of workers) and are visited in a seeded random order, epoch after epoch.
+Every ``--eval-every`` steps the model decodes the validation split
+(:func:`dlm_decode.tasks.synthetic.validation_problems`, disjoint from training and from
+the held-out set) one token per step; the checkpoint with the best validation exact match
+is the one written to ``--out``.
 
 Writes ``config.json``, ``model.safetensors``, the tokenizer files and ``training_log.json``
 to ``--out`` (default ``dlm_decode/assets/tiny``), and intermediate checkpoints to
@@ -24,13 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import platform
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -39,11 +51,13 @@ from tqdm import tqdm
 import dlm_decode
 from dlm_decode.models.llada import LLaDAModel
 from dlm_decode.tasks.synthetic import (
+    ALPHABET,
     SPECIAL_TOKENS,
+    Problem,
     build_tokenizer,
-    heldout_problems,
-    score_completion,
+    score_problem,
     train_stream,
+    validation_problems,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--eps", type=float, default=0.05, help="lower clamp of the mask rate t")
+    p.add_argument(
+        "--block-frac",
+        type=float,
+        default=0.0,
+        help="share of rows masked like a semi-autoregressive block decode (see block_masks)",
+    )
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=4)
@@ -67,10 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--prompt-length", type=int, default=40, help="fixed left-padded width")
     p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--eval-n", type=int, default=40)
+    p.add_argument("--eval-n", type=int, default=200)
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--eval-cache", default="none", help="cache of the validation decodes")
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--pool", type=int, default=200_000, help="training problems generated")
+    p.add_argument("--workers", type=int, default=1, help="processes generating the pool")
     p.add_argument("--max-minutes", type=float, default=45.0, help="stop (and save) after this")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder")
@@ -112,39 +137,127 @@ def model_config(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     }
 
 
-class Batcher:
-    """Turns the training stream into fixed-shape ``(B, P + G)`` id tensors.
+#: Character code -> token id of the tiny tokenizer (ids 4.. follow :data:`ALPHABET`).
+_CHAR_IDS = np.zeros(128, dtype=np.uint8)
+for _i, _ch in enumerate(ALPHABET):
+    _CHAR_IDS[ord(_ch)] = len(SPECIAL_TOKENS) + _i
+
+
+def encode_rows(problems: Sequence[Problem], prompt_length: int, gen_length: int) -> np.ndarray:
+    """Lay problems out as training rows ``[PAD… | prompt | answer | EOS…]``.
+
+    The ids are those of :func:`dlm_decode.tasks.synthetic.build_tokenizer` (one token per
+    character), computed by table lookup instead of the tokenizer for speed.
 
     Args:
-        tokenizer: the character tokenizer.
-        seed: seed of the problem stream.
-        batch: rows per batch.
-        prompt_length: fixed (left-padded) prompt width ``P``.
-        gen_length: answer slots ``G`` (answer, then EOS padding).
+        problems: the problems.
+        prompt_length: fixed, left-padded prompt width ``P``.
+        gen_length: answer slots ``G`` (the answer, then EOS up to ``G``).
+
+    Returns:
+        ``(N, P + G)`` ``uint8`` ids.
+
+    Raises:
+        ValueError: a prompt longer than ``P`` or an answer that leaves no EOS slot.
     """
+    rows = np.full((len(problems), prompt_length + gen_length), PAD, dtype=np.uint8)
+    for i, q in enumerate(problems):
+        pr = _CHAR_IDS[np.frombuffer(q.prompt.encode("ascii"), dtype=np.uint8)]
+        an = _CHAR_IDS[np.frombuffer(q.answer.encode("ascii"), dtype=np.uint8)]
+        if len(pr) > prompt_length or len(an) >= gen_length:
+            raise ValueError(
+                f"problem too long for the layout (prompt {len(pr)} > {prompt_length} or "
+                f"answer {len(an)} >= {gen_length}): {q}"
+            )
+        rows[i, prompt_length - len(pr) : prompt_length] = pr
+        rows[i, prompt_length : prompt_length + len(an)] = an
+        rows[i, prompt_length + len(an) :] = EOS
+    return rows
 
-    def __init__(
-        self, tokenizer: Any, seed: int, batch: int, prompt_length: int, gen_length: int
-    ) -> None:
-        self.tok = tokenizer
-        self.stream = train_stream(seed)
-        self.batch, self.p, self.g = batch, prompt_length, gen_length
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ids`` ``(B, P + G)`` long and the key mask ``(B, P + G)`` bool."""
-        probs = [next(self.stream) for _ in range(self.batch)]
-        prompts = self.tok([q.prompt for q in probs], add_special_tokens=False)["input_ids"]
-        answers = self.tok([q.answer for q in probs], add_special_tokens=False)["input_ids"]
-        ids = torch.full((self.batch, self.p + self.g), PAD, dtype=torch.long)
-        am = torch.ones((self.batch, self.p + self.g), dtype=torch.bool)
-        for i, (pr, an) in enumerate(zip(prompts, answers, strict=True)):
-            if len(pr) > self.p or len(an) >= self.g:
-                raise ValueError(f"problem too long for the layout: {probs[i]}")
-            ids[i, self.p - len(pr) : self.p] = torch.tensor(pr)
-            am[i, : self.p - len(pr)] = False
-            ids[i, self.p : self.p + len(an)] = torch.tensor(an)
-            ids[i, self.p + len(an) :] = EOS
-        return ids, am
+_CHUNK = 25_000
+
+
+def _pool_chunk(job: tuple[int, int, int, int, int]) -> np.ndarray:
+    """Worker: chunk ``index`` of the pool of ``seed`` (its own stream, so order-free)."""
+    seed, index, n, prompt_length, gen_length = job
+    stream = train_stream(seed * 1_000_003 + index)
+    return encode_rows([next(stream) for _ in range(n)], prompt_length, gen_length)
+
+
+def build_pool(
+    size: int, seed: int, prompt_length: int, gen_length: int, workers: int = 1
+) -> torch.Tensor:
+    """Generate ``size`` training rows (see :func:`encode_rows`) in seeded chunks.
+
+    Args:
+        size: number of problems.
+        seed: seed of the pool (chunk ``i`` draws from ``train_stream(seed · 1000003 + i)``).
+        prompt_length: prompt width ``P``.
+        gen_length: answer slots ``G``.
+        workers: processes to generate with (the result does not depend on it).
+
+    Returns:
+        ``(size, P + G)`` ``uint8`` CPU tensor.
+    """
+    jobs = [
+        (seed, i, min(_CHUNK, size - i * _CHUNK), prompt_length, gen_length)
+        for i in range(math.ceil(size / _CHUNK))
+    ]
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = list(tqdm(pool.imap(_pool_chunk, jobs), total=len(jobs), desc="pool"))
+    else:
+        parts = [_pool_chunk(j) for j in tqdm(jobs, desc="pool")]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def batches(pool: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless ``(B, P + G)`` long batches of ``pool`` rows in seeded per-epoch orders."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(pool.shape[0], generator=gen).to(pool.device)
+        for i in range(0, pool.shape[0] - batch + 1, batch):
+            yield pool[order[i : i + batch]].long()
+
+
+def block_masks(
+    t: torch.Tensor, gen_length: int, block_frac: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which answer slots to mask, and the loss weight of each.
+
+    A row is masked uniformly (each slot with probability ``t``, weight ``1 / t``, the
+    LLaDA objective) or, with probability ``block_frac``, like a state of a
+    semi-autoregressive block decode. Such a row gets a block length ``L ∈ {16, 32}`` and a
+    block ``k``. Slots before the block are clean, slots inside it are masked with
+    probability ``t`` (weight ``1 / t``) and slots after it are all masked (weight 1).
+    Uniform masking almost never shows the model a decoded prefix followed by a fully
+    masked tail, yet block decoding visits exactly those states.
+
+    Args:
+        t: ``(B,)`` mask rates in ``(0, 1]``.
+        gen_length: answer slots ``G`` (a multiple of 32).
+        block_frac: share of block-structured rows.
+        gen: random generator (on ``t``'s device).
+
+    Returns:
+        ``masked`` ``(B, G)`` bool and ``weight`` ``(B, G)`` float (0 where not masked).
+    """
+    bsz, dev = t.shape[0], t.device
+    uniform = torch.rand((bsz, gen_length), generator=gen, device=dev) < t[:, None]  # (B, G)
+    weight = uniform.float() / t[:, None]
+    if block_frac <= 0:
+        return uniform, weight
+    rows = torch.rand(bsz, generator=gen, device=dev) < block_frac  # (B,)
+    length = torch.where(torch.rand(bsz, generator=gen, device=dev) < 0.5, 16, 32)  # (B,)
+    k = (torch.rand(bsz, generator=gen, device=dev) * (gen_length // length)).long()  # (B,)
+    start, end = (k * length)[:, None], ((k + 1) * length)[:, None]  # (B, 1)
+    slot = torch.arange(gen_length, device=dev)  # (G,)
+    inside, after = (slot >= start) & (slot < end), slot >= end  # (B, G)
+    block = (inside & uniform) | after
+    masked = torch.where(rows[:, None], block, uniform)
+    bweight = torch.where(after, 1.0, 1.0 / t[:, None]) * block
+    return masked, torch.where(rows[:, None], bweight, weight)
 
 
 def lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
@@ -174,13 +287,13 @@ def evaluate(
     cache: str = "none",
     batch: int = 64,
 ) -> dict[str, Any]:
-    """Exact match on the first ``n`` held-out problems with :func:`dlm_decode.generate`.
+    """Exact match on the first ``n`` validation problems with :func:`dlm_decode.generate`.
 
     Returns:
         ``{"overall": acc, "per_family": {...}, "nfe": mean batch NFE, "nfe_row": mean
         per-row NFE}``.
     """
-    probs = heldout_problems()[:n]
+    probs = validation_problems()[:n]
     hits: dict[str, list[bool]] = defaultdict(list)
     nfes, nfe_rows = [], []
     for i in range(0, len(probs), batch):
@@ -197,7 +310,7 @@ def evaluate(
             steps=gen_length if policy == "fixed" else None,
         )
         for q, text in zip(chunk, res.texts(tokenizer), strict=True):
-            hits[q.family].append(score_completion(q.answer, text)[0])
+            hits[q.family].append(score_problem(q.family, q.prompt, q.answer, text)[0])
         nfes.append(res.nfe)
         nfe_rows.extend(res.nfe_per_row.tolist())
     allhits = [h for v in hits.values() for h in v]
@@ -215,23 +328,32 @@ def save_checkpoint(
     """Write ``config.json`` + ``model.safetensors`` (HF LLaDA names) + tokenizer files."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    sd = {k: v.detach().contiguous().clone() for k, v in model.checkpoint_state_dict().items()}
+    sd = {
+        k: v.detach().cpu().contiguous().clone() for k, v in model.checkpoint_state_dict().items()
+    }
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     build_tokenizer(folder)
     del tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train, evaluate periodically, save the packaged checkpoint."""
+    """Train, evaluate on the validation split, save the best checkpoint to ``--out``."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     tokenizer = build_tokenizer()
-    config = model_config(args, len(tokenizer))
     if args.init is not None:
-        model = LLaDAModel.from_pretrained(str(args.init), dtype=torch.float32)
+        config = json.loads((args.init / "config.json").read_text())
+        model = LLaDAModel.from_pretrained(str(args.init), dtype=torch.float32, device=device)
     else:
-        model = LLaDAModel.from_config(config, seed=args.seed, dtype=torch.float32)
+        config = model_config(args, len(tokenizer))
+        model = LLaDAModel.from_config(config, seed=args.seed, dtype=torch.float32, device=device)
     model.tokenizer = tokenizer
     module = model.module
     module.requires_grad_(True).train()
@@ -247,11 +369,13 @@ def main(argv: list[str] | None = None) -> None:
         ],
         lr=args.lr,
         betas=(0.9, 0.98),
+        fused=device.type == "cuda",
     )
-    batcher = Batcher(tokenizer, args.seed + 1, args.batch, args.prompt_length, args.gen_length)
-    gen = torch.Generator().manual_seed(args.seed + 2)
     p, g, bsz = args.prompt_length, args.gen_length, args.batch
-    positions_base = torch.arange(p + g)
+    pool = build_pool(args.pool, args.seed + 1, p, g, args.workers).to(device)
+    rows = batches(pool, bsz, args.seed + 3)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    strata = torch.arange(bsz, device=device) / bsz  # (B,)
 
     def loss_fn(
         noisy: torch.Tensor,
@@ -268,67 +392,99 @@ def main(argv: list[str] | None = None) -> None:
 
     step_fn = loss_fn if args.no_compile else torch.compile(loss_fn)
 
+    where = (
+        f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, TF32 matmuls)"
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    )
     log: dict[str, Any] = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "params": n_params,
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {args.threads} threads (shared CPU)",
+        "machine": f"{platform.node()}: {where}, torch {torch.__version__}",
         "evals": [],
         "losses": [],
     }
     t0 = time.time()
-    ema = None
+    ema = torch.zeros((), device=device)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     bar = tqdm(range(args.steps), desc="train", mininterval=5.0, file=sys.stdout)
     step = 0
     for step in bar:
         lr = lr_at(step, args, (time.time() - t0) / 60)
         for group in opt.param_groups:
             group["lr"] = lr
-        ids, am = batcher.next()
+        ids = next(rows)  # (B, P + G)
+        am = ids != PAD  # left padding is the only PAD
         pos = (am.long().cumsum(-1) - 1).clamp(min=0)
-        u = (torch.rand((), generator=gen) + torch.arange(bsz) / bsz) % 1.0  # stratified
+        u = (torch.rand((), generator=gen, device=device) + strata) % 1.0  # stratified
         t = args.eps + (1 - args.eps) * u  # (B,)
         ans = ids[:, p:]
-        masked = torch.rand((bsz, g), generator=gen) < t[:, None]  # (B, G)
+        masked, weight = block_masks(t, g, args.block_frac, gen)  # (B, G) each
         noisy = ids.clone()
         noisy[:, p:] = torch.where(masked, MASK, ans)
-        weight = masked.float() / t[:, None]
-        loss = step_fn(noisy, ans, am, pos, weight)
+        try:
+            loss = step_fn(noisy, ans, am, pos, weight)
+        except Exception as exc:  # torch.compile unavailable/broken here: train eagerly
+            if step_fn is loss_fn:
+                raise
+            tqdm.write(f"torch.compile failed ({exc!r:.200}); continuing without it")
+            step_fn = loss_fn
+            loss = step_fn(noisy, ans, am, pos, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
-        lv = float(loss.detach())
-        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}")
-        if step % 50 == 0:
-            log["losses"].append((step, round(ema, 5), round(time.time() - t0, 1)))
+        ema = loss.detach() if step == 0 else 0.98 * ema + 0.02 * loss.detach()
+        if step % 50 == 0:  # the only host syncs besides evaluation
+            ev = float(ema)
+            bar.set_postfix(loss=f"{ev:.4f}", lr=f"{lr:.2e}")
+            log["losses"].append((step, round(ev, 5), round(time.time() - t0, 1)))
         elapsed = (time.time() - t0) / 60
         last = step == args.steps - 1 or elapsed > args.max_minutes
         if (step + 1) % args.eval_every == 0 or last:
             save_checkpoint(model, config, tokenizer, args.run_dir)
             try:
-                res = evaluate(model, tokenizer, args.eval_n, g, args.block_length)
+                res = evaluate(
+                    model,
+                    tokenizer,
+                    args.eval_n,
+                    g,
+                    args.block_length,
+                    cache=args.eval_cache,
+                    batch=args.eval_batch,
+                )
             except Exception as exc:  # a broken plugin must not kill the run
                 tqdm.write(f"[eval step {step + 1}] failed: {exc!r}")
                 res = {"error": repr(exc)}
-            res.update(step=step + 1, minutes=round(elapsed, 2), loss=round(ema, 5))
+            res.update(step=step + 1, minutes=round(elapsed, 2), loss=round(float(ema), 5))
             log["evals"].append(res)
             if "overall" in res:
+                if best is None or res["overall"] >= best[0]:
+                    state = module.state_dict()
+                    best = (
+                        res["overall"],
+                        step + 1,
+                        {k: v.cpu().clone() for k, v in state.items()},
+                    )
                 fam = " ".join(f"{k}={v:.2f}" for k, v in res["per_family"].items())
                 tqdm.write(
-                    f"[eval step {step + 1} {elapsed:.1f} min] fixed exact match "
+                    f"[eval step {step + 1} {elapsed:.1f} min] validation exact match "
                     f"{res['overall']:.3f} ({fam})"
                 )
             (args.run_dir / "training_log.json").write_text(json.dumps(log, indent=1))
         if last:
             break
-    del positions_base
     log["steps_done"] = step + 1
     log["train_minutes"] = round((time.time() - t0) / 60, 2)
+    if best is not None:
+        module.load_state_dict(best[2])
+        log["selected"] = {"step": best[1], "validation_exact_match": best[0]}
     save_checkpoint(model, config, tokenizer, args.out)
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    print(f"saved {args.out} after {log['steps_done']} steps, {log['train_minutes']} min")
+    print(
+        f"saved {args.out} after {log['steps_done']} steps, {log['train_minutes']} min; "
+        f"selected {log.get('selected')}"
+    )
 
 
 if __name__ == "__main__":
