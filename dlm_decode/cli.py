@@ -253,15 +253,16 @@ def _quickstart_plot(results: list[tuple[str, dict[str, Any]]], path: Path) -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, s in results:
+    for i, (label, s) in enumerate(results):
         ax.scatter(s["tokens_per_s"], s["accuracy"], s=60)
-        ax.annotate(
+        ax.annotate(  # labels alternate above and below, so close points stay readable
             label,
             (s["tokens_per_s"], s["accuracy"]),
             textcoords="offset points",
-            xytext=(6, 4),
+            xytext=(6, 4 if i % 2 == 0 else -12),
             fontsize=9,
         )
+    ax.margins(x=0.15, y=0.15)
     ax.set_xlabel("tokens/s (response tokens)")
     ax.set_ylabel("exact match")
     ax.set_title("tiny model, synthetic held-out: throughput vs accuracy")
