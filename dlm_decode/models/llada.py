@@ -15,7 +15,21 @@ from typing import Any, ClassVar
 
 from dlm_decode.models.transformer import ArchSpec, NativeModel, require_key
 
-__all__ = ["LLaDAModel"]
+__all__ = ["LLADA_BLOCK_CONFIG", "LLaDAModel"]
+
+#: The block-level keys of a LLaDA ``config.json`` that the native model supports, with
+#: LLaDA-8B's values: a base for configs of new (e.g. tiny) LLaDA-architecture models.
+LLADA_BLOCK_CONFIG: dict[str, Any] = {
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5,
+    "weight_tying": False,
+    "include_qkv_bias": False,
+    "block_type": "llama",
+    "layer_norm_type": "rms",
+    "activation_type": "silu",
+    "rope": True,
+    "rope_full_precision": True,
+}
 
 
 class LLaDAModel(NativeModel):

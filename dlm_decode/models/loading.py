@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dlm_decode.interfaces import Model
+from dlm_decode.models.llada import LLADA_BLOCK_CONFIG
 
 __all__ = [
     "PRESETS",
@@ -97,15 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mask_token_id": 127,
         "eos_token_id": 1,
         "pad_token_id": 1,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-05,
-        "weight_tying": False,
-        "include_qkv_bias": False,
-        "block_type": "llama",
-        "layer_norm_type": "rms",
-        "activation_type": "silu",
-        "rope": True,
-        "rope_full_precision": True,
+        **LLADA_BLOCK_CONFIG,
     },
     "dream-tiny": {
         "model_type": "Dream",

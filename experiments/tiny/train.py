@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import dlm_decode
-from dlm_decode.models.llada import LLaDAModel
+from dlm_decode.models.llada import LLADA_BLOCK_CONFIG, LLaDAModel
 from dlm_decode.tasks.synthetic import (
     ALPHABET,
     SPECIAL_TOKENS,
@@ -124,15 +124,7 @@ def model_config(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
         "eos_token_id": EOS,
         "pad_token_id": PAD,
         "bos_token_id": BOS,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5,
-        "weight_tying": False,
-        "include_qkv_bias": False,
-        "block_type": "llama",
-        "layer_norm_type": "rms",
-        "activation_type": "silu",
-        "rope": True,
-        "rope_full_precision": True,
+        **LLADA_BLOCK_CONFIG,
         "torch_dtype": "float32",
     }
 
