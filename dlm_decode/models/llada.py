@@ -18,7 +18,8 @@ from dlm_decode.models.transformer import ArchSpec, NativeModel, require_key
 __all__ = ["LLADA_BLOCK_CONFIG", "LLaDAModel"]
 
 #: The block-level keys of a LLaDA ``config.json`` that the native model supports, with
-#: LLaDA-8B's values: a base for configs of new (e.g. tiny) LLaDA-architecture models.
+#: LLaDA-8B's values except ``rope_theta`` (8B uses 500000; 10000 suits short contexts):
+#: the base of the ``llada-8b`` / ``llada-tiny`` presets and the shipped tiny model's config.
 LLADA_BLOCK_CONFIG: dict[str, Any] = {
     "rope_theta": 10000.0,
     "rms_norm_eps": 1e-5,
