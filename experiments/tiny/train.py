@@ -8,7 +8,8 @@ padding]`` with a fixed answer region of ``gen_length`` slots. Per row draw
 ``t ~ U(0, 1)`` (stratified over the batch, clamped to ``[eps, 1]``), mask every answer slot
 (EOS padding included, never the prompt) with probability ``t``, and minimise the
 cross-entropy of the masked slots weighted by ``1 / t``, summed and divided by the number of
-answer slots (``B · gen_length``).
+answer slots (``B · gen_length``). With ``--block-frac F`` a share ``F`` of the rows is
+masked like a state of a block decode instead (:func:`block_masks`).
 
 Usage::
 
@@ -80,10 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="share of rows masked like a semi-autoregressive block decode (see block_masks)",
     )
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--mlp", type=int, default=384)
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--n-heads", type=int, default=6)
+    p.add_argument("--mlp", type=int, default=512)
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--prompt-length", type=int, default=40, help="fixed left-padded width")
     p.add_argument("--eval-every", type=int, default=1000)
@@ -314,9 +315,7 @@ def evaluate(
     }
 
 
-def save_checkpoint(
-    model: LLaDAModel, config: dict[str, Any], tokenizer: Any, folder: Path
-) -> None:
+def save_checkpoint(model: LLaDAModel, config: dict[str, Any], folder: Path) -> None:
     """Write ``config.json`` + ``model.safetensors`` (HF LLaDA names) + tokenizer files."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -325,7 +324,6 @@ def save_checkpoint(
     }
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     build_tokenizer(folder)
-    del tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -434,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = (time.time() - t0) / 60
         last = step == args.steps - 1 or elapsed > args.max_minutes
         if (step + 1) % args.eval_every == 0 or last:
-            save_checkpoint(model, config, tokenizer, args.run_dir)
+            save_checkpoint(model, config, args.run_dir)
             try:
                 res = evaluate(
                     model,
@@ -471,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     if best is not None:
         module.load_state_dict(best[2])
         log["selected"] = {"step": best[1], "validation_exact_match": best[0]}
-    save_checkpoint(model, config, tokenizer, args.out)
+    save_checkpoint(model, config, args.out)
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     print(
         f"saved {args.out} after {log['steps_done']} steps, {log['train_minutes']} min; "
