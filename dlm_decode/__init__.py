@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from dlm_decode.api import get_cache, get_policy, get_policy_class, list_plugins
-from dlm_decode.config import DecodeConfig
+from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef
 from dlm_decode.decoder import Decoder, GenerationResult, PolicyContractError, generate
 from dlm_decode.frechet import frechet_scores
 from dlm_decode.hookspecs import hookimpl
 from dlm_decode.interfaces import Cache, CommitPolicy, CountPolicy, Model, StepState
+from dlm_decode.models import load_model
+from dlm_decode.settings import resolve
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Cache",
+    "CacheRef",
     "CommitPolicy",
     "CountPolicy",
     "DecodeConfig",
@@ -20,6 +23,7 @@ __all__ = [
     "GenerationResult",
     "Model",
     "PolicyContractError",
+    "PolicyRef",
     "StepState",
     "frechet_scores",
     "generate",
@@ -29,12 +33,5 @@ __all__ = [
     "hookimpl",
     "list_plugins",
     "load_model",
+    "resolve",
 ]
-
-
-def load_model(name_or_path: str, **kwargs):
-    """Load a model by name (``tiny``), local folder or hub id; see
-    [`dlm_decode.models.load_model`][dlm_decode.models.load_model]."""
-    from dlm_decode.models import load_model as _load
-
-    return _load(name_or_path, **kwargs)

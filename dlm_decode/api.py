@@ -1,18 +1,23 @@
-"""Public helpers over the registry: ``get_policy``, ``get_cache``, ``list_plugins``."""
+"""Public helpers over the registry: ``get_policy``, ``get_cache``, ``list_plugins``.
+
+Thin front doors to [`resolve_plugin`][dlm_decode.settings.resolve_plugin], the one place
+that looks plugins up and validates their parameters.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from dlm_decode.interfaces import Cache, CommitPolicy
-from dlm_decode.registry import get_registry, validate_params
+from dlm_decode.registry import get_registry
+from dlm_decode.settings import plugin_class, resolve_plugin
 
 __all__ = ["get_cache", "get_policy", "get_policy_class", "list_plugins"]
 
 
 def get_policy_class(name: str) -> type[CommitPolicy]:
     """The registered policy class for ``name`` or ``name.vN``."""
-    return get_registry().resolve("policy", name)
+    return plugin_class("policy", name)
 
 
 def get_policy(name: str, **params: Any) -> CommitPolicy:
@@ -38,15 +43,13 @@ def get_policy(name: str, **params: Any) -> CommitPolicy:
         >>> int(pol.select(conf, masked, state).sum())
         4
     """
-    cls = get_policy_class(name)
-    return cls(validate_params(cls, params))
+    return resolve_plugin(name, "policy", params)[1]
 
 
 def get_cache(name: str, **params: Any) -> Cache:
     """A ready cache strategy (``none``, ``prefix``, ``dual`` or a plugin's) with validated
     params."""
-    cls = get_registry().resolve("cache", name)
-    return cls(validate_params(cls, params))
+    return resolve_plugin(name, "cache", params)[1]
 
 
 def list_plugins(kind: str | None = None) -> list[dict[str, Any]]:

@@ -15,10 +15,10 @@ them, a lower bound (zero when an earlier phase peaked higher). Each row also ca
 ``static_bytes``, the weights plus the KV and logits buffers, computed from shapes.
 
 Example:
-    >>> from dlm_decode.cli import main
-    >>> main(["bench", "--arch", "tiny", "--random-weights", "--prompt-length", "32",
-    ...       "--gen-length", "32", "--block-length", "16", "--batch-sizes", "1",
-    ...       "--repeats", "1"])  # doctest: +SKIP
+    ```bash
+    dlm-decode bench --arch tiny --random-weights --prompt-length 32 --gen-length 32 \\
+        --block-length 16 --batch-sizes 1 --repeats 1
+    ```
 """
 
 from __future__ import annotations
@@ -35,44 +35,38 @@ from typing import Any
 
 import torch
 
+from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef, parse_args
+from dlm_decode.decoder import Decoder
+from dlm_decode.fast import FastDecoder
+from dlm_decode.models.checkpoint import read_config
+from dlm_decode.models.loading import (
+    TINY_FOLDER,
+    build_model,
+    load_model,
+    preset_config,
+    resolve_device,
+)
+from dlm_decode.settings import Resolved, resolve
+
 __all__ = [
-    "BIG_ARCHS",
+    "GPU_ONLY_PARAMS",
     "BenchError",
     "BenchRow",
-    "PolicySpec",
     "add_arguments",
     "arch_config",
     "measure",
+    "parameter_count",
     "parse_policies",
     "random_prompts",
     "run",
 ]
 
-#: Presets too large to decode on a CPU.
-BIG_ARCHS = ("llada-8b", "dream-7b")
+#: Models with more parameters than this need a GPU in the bench (full-size presets).
+GPU_ONLY_PARAMS = 1_000_000_000
 
 
 class BenchError(ValueError):
-    """A user error of ``bench``: the CLI prints it as one line and exits with 2.
-
-    (A ``ValueError`` rather than ``dlm_decode.cli.CLIError`` so that it is caught even when
-    the CLI runs as ``python -m dlm_decode.cli``, where that module is ``__main__``.)
-    """
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A policy as the bench names it: ``frechet:margin=0.25`` → name and params."""
-
-    name: str
-    args: dict[str, Any]
-
-    @property
-    def label(self) -> str:
-        """``name`` or ``name:k=v,…``."""
-        if not self.args:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.args.items())
+    """A user error of ``bench``: the CLI prints it as one line and exits with 2."""
 
 
 @dataclass
@@ -80,13 +74,14 @@ class BenchRow:
     """One cache × batch × policy measurement (``None`` where not measured).
 
     Attributes:
-        cache: cache name.
+        cache: cache label (every argument: ``dual``, ``myCache(k=2)``).
         batch_size: rows decoded together.
-        policy: policy label.
+        policy: policy label (``frechet(margin=0.25)``).
         ms_per_nfe: fast path, median over repeats of wall time / NFE.
         ms_per_nfe_runs: fast path, every timed repeat.
         tokens_per_s: fast path, generated tokens (all rows) per second at the median.
         nfe: forwards per decode.
+        token_forwards: token positions the forwards of one decode computed (all rows).
         peak_mem_bytes: see the module docstring (``mem_kind`` in the JSON's ``meta``).
         static_bytes: weights + KV buffer + logits buffer, from shapes.
         outside_forward_share: share of step time outside the forward (profiled run).
@@ -108,6 +103,7 @@ class BenchRow:
     ms_per_nfe_runs: list[float]
     tokens_per_s: float
     nfe: int
+    token_forwards: int
     peak_mem_bytes: int
     static_bytes: int
     outside_forward_share: float | None
@@ -154,10 +150,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated, e.g. 1,8,32")
     p.add_argument("--caches", default="none,prefix,dual", help="comma-separated cache names")
     p.add_argument(
+        "--cache-arg",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a parameter of every cache in --caches (each must accept it)",
+    )
+    p.add_argument(
         "--policies",
-        default="frechet",
-        help="space- or semicolon-separated; each NAME or NAME:k=v,k=v "
-        "(e.g. 'frechet:margin=0.25 threshold:threshold=0.9'); frechet defaults to margin=0.25",
+        default=DecodeConfig.model_fields["policy"].default,
+        help="space- or semicolon-separated; each NAME or NAME:k=v,k=v (e.g. "
+        "'frechet:margin=0.2 threshold'); a policy without arguments uses its defaults",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed decodes per row (median)")
     p.add_argument(
@@ -178,24 +181,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
 
 
-def parse_policies(text: str) -> list[PolicySpec]:
-    """Parse ``"frechet:margin=0.25 threshold:threshold=0.9"`` into :class:`PolicySpec` s.
+def parse_policies(text: str) -> list[PolicyRef]:
+    """Parse ``"frechet:margin=0.25 threshold:threshold=0.9"`` into policy references.
 
     Raises:
         BenchError: an argument without ``=``, or no policy.
     """
-    from dlm_decode.cli import parse_policy_args
-
     out = []
     for item in text.replace(";", " ").split():
-        name, _, rest = item.partition(":")
         try:
-            args = parse_policy_args([a for a in rest.split(",") if a]) if rest else {}
-        except Exception as exc:  # cli.CLIError, possibly from a second copy of the module
+            out.append(PolicyRef.parse(item))
+        except ValueError as exc:
             raise BenchError(f"--policies {item!r}: {exc}") from None
-        if not args and name in ("frechet", "frechet.v1"):
-            args = {"margin": 0.25}
-        out.append(PolicySpec(name, args))
     if not out:
         raise BenchError("--policies is empty; e.g. --policies frechet")
     return out
@@ -215,28 +212,27 @@ def arch_config(arch: str, total_length: int) -> dict[str, Any]:
     """The ``config.json`` dict the bench builds for ``--arch``.
 
     ``tiny`` is the shipped checkpoint's config when ``dlm_decode/assets/tiny`` exists,
-    else the ``llada-tiny`` preset. The maximum length is raised to ``total_length`` when
-    shorter (random weights have no trained length).
+    else the ``llada-tiny`` preset; any other name is a preset a model class declares
+    (see [`presets`][dlm_decode.models.loading.presets]). The maximum length is raised to
+    ``total_length`` when shorter (random weights have no trained length).
 
     Raises:
         ValueError: an unknown preset name.
     """
-    from dlm_decode.models.loading import PRESETS, TINY_FOLDER, read_config
-
-    if arch == "tiny":
-        config = (
-            read_config(TINY_FOLDER)
-            if (TINY_FOLDER / "config.json").is_file()
-            else dict(PRESETS["llada-tiny"])
-        )
-    elif arch in PRESETS:
-        config = dict(PRESETS[arch])
+    if arch == "tiny" and (TINY_FOLDER / "config.json").is_file():
+        config = read_config(TINY_FOLDER)
     else:
-        raise ValueError(f"unknown --arch {arch!r}; use tiny, {', '.join(PRESETS)}")
+        config = preset_config("llada-tiny" if arch == "tiny" else arch)
     for key in ("max_sequence_length", "max_position_embeddings"):
         if key in config and int(config[key]) < total_length:
             config[key] = total_length
     return config
+
+
+def parameter_count(config: dict[str, Any]) -> int:
+    """Parameters of a ``config.json``'s architecture, from a ``meta`` build (no memory)."""
+    model = build_model(config, device="meta")
+    return sum(p.numel() for p in model.parameters())
 
 
 def random_prompts(model: Any, batch_size: int, length: int, seed: int) -> torch.Tensor:
@@ -286,6 +282,7 @@ def measure(
 
     Returns:
         ``ms_per_nfe`` (median), ``ms_per_nfe_runs``, ``wall_s`` (median), ``nfe``,
+        ``token_forwards``,
         ``peak_mem_bytes``, ``forward_s``/``select_s`` of the profiled run (or ``None``),
         ``sequences`` (CPU, last run) and ``agree``.
     """
@@ -294,6 +291,7 @@ def measure(
         torch.cuda.reset_peak_memory_stats(dev)
     rss0 = _peak_rss_bytes()
     sequences = []
+    token_forwards = 0
     nfes = []
     walls = []
     for i in range(warmup + max(1, repeats)):
@@ -304,6 +302,7 @@ def measure(
         wall = time.perf_counter() - t0
         sequences.append(res.sequences)
         nfes.append(res.nfe)
+        token_forwards = res.token_forwards
         if i >= warmup:
             walls.append(wall)
     fwd = sel = None
@@ -330,6 +329,7 @@ def measure(
         "ms_per_nfe_runs": [1e3 * w / nfe for w in walls],
         "wall_s": wall,
         "nfe": nfe,
+        "token_forwards": token_forwards,
         "peak_mem_bytes": peak,
         "forward_s": fwd,
         "select_s": sel,
@@ -366,9 +366,8 @@ def _empty_cache(dev: torch.device) -> None:
 
 def bench_row(
     model: Any,
-    cache: str,
+    settings: Resolved,
     batch_size: int,
-    policy: PolicySpec,
     *,
     prompt_length: int,
     gen_length: int,
@@ -379,19 +378,20 @@ def bench_row(
     profile: bool,
     seed: int,
 ) -> BenchRow:
-    """Measure one cache × batch × policy (the fast path, and the reference on request)."""
-    from dlm_decode.config import DecodeConfig
-    from dlm_decode.decoder import Decoder
-    from dlm_decode.fast import FastDecoder
+    """Measure one cache × policy setting at one batch size (the fast path, and the
+    reference on request).
 
+    Args:
+        model: the model.
+        settings: the resolved policy and cache (``gen_length`` and ``block_length`` are
+            taken from the keyword arguments).
+        batch_size: rows decoded together.
+    """
     dev = model.device
-    cfg = DecodeConfig(
-        policy=policy.name,
-        policy_args=policy.args,
-        cache=cache,
-        gen_length=gen_length,
-        block_length=block_length,
+    cfg = settings.config.model_copy(
+        update={"gen_length": gen_length, "block_length": block_length}
     )
+    cfg = DecodeConfig.model_validate(cfg.model_dump())
     prompts = random_prompts(model, batch_size, prompt_length, seed)
     slow = None
     if compare:
@@ -419,13 +419,14 @@ def bench_row(
     share, fwd_ms, sel_ms = _share(fast)
     total_tokens = batch_size * gen_length
     row = BenchRow(
-        cache=cache,
+        cache=settings.cache_ref.label,
         batch_size=batch_size,
-        policy=policy.label,
+        policy=settings.policy_ref.label,
         ms_per_nfe=fast["ms_per_nfe"],
         ms_per_nfe_runs=fast["ms_per_nfe_runs"],
         tokens_per_s=total_tokens / fast["wall_s"],
         nfe=fast["nfe"],
+        token_forwards=fast["token_forwards"],
         peak_mem_bytes=fast["peak_mem_bytes"],
         static_bytes=_static_bytes(model, batch_size, prompt_length + gen_length, block_length),
         outside_forward_share=share,
@@ -463,18 +464,20 @@ def _mib(n: int) -> str:
 
 
 def format_table(rows: Sequence[BenchRow], compare: bool) -> str:
-    """A readable fixed-width table of the rows."""
+    """A readable fixed-width table of the rows (columns as wide as their longest label)."""
+    cw = max([5, *(len(r.cache) for r in rows)]) + 2
+    pw = max([6, *(len(r.policy) for r in rows)]) + 2
     head = (
-        f"{'cache':<7}{'B':>4}  {'policy':<22}{'ms/NFE':>9}{'tok/s':>10}{'NFE':>6}"
-        f"{'peak MiB':>10}{'outside':>9}"
+        f"{'cache':<{cw}}{'B':>4}  {'policy':<{pw}}{'ms/NFE':>9}{'tok/s':>10}{'NFE':>6}"
+        f"{'tok-fwd':>9}{'peak MiB':>10}{'outside':>9}"
     )
     if compare:
         head += f" | {'ref ms/NFE':>10}{'ref out':>8}{'speedup':>8}  agree"
     lines = [head, "-" * len(head)]
     for r in rows:
         line = (
-            f"{r.cache:<7}{r.batch_size:>4}  {r.policy:<22}{r.ms_per_nfe:>9.3f}"
-            f"{r.tokens_per_s:>10.1f}{r.nfe:>6}{_mib(r.peak_mem_bytes):>10}"
+            f"{r.cache:<{cw}}{r.batch_size:>4}  {r.policy:<{pw}}{r.ms_per_nfe:>9.3f}"
+            f"{r.tokens_per_s:>10.1f}{r.nfe:>6}{r.token_forwards:>9}{_mib(r.peak_mem_bytes):>10}"
             f"{_fmt(r.outside_forward_share, '.0%'):>9}"
         )
         if compare:
@@ -505,44 +508,48 @@ def _load_model(args: argparse.Namespace, total: int) -> tuple[Any, str]:
     if args.model is not None:
         if args.random_weights:
             raise BenchError("--random-weights goes with --arch; --model loads a checkpoint")
-        from dlm_decode.models.loading import load_model, resolve_device
-
         model = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
         return model, args.model
     arch = args.arch or "tiny"
-    if arch in BIG_ARCHS:
+    config = arch_config(arch, total)
+    if parameter_count(config) > GPU_ONLY_PARAMS:
         wants_cpu = args.device is not None and not args.device.startswith("cuda")
         if wants_cpu or not torch.cuda.is_available():
             raise BenchError(f"{arch} needs a GPU; use --arch tiny on CPU")
-    from dlm_decode.models.loading import build_model, resolve_device
-
     device = resolve_device(args.device)
-
-    config = arch_config(arch, total)
     return build_model(config, device=device, dtype=args.dtype, seed=args.seed), arch
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``dlm-decode bench``; returns the exit code."""
-    from dlm_decode.api import get_cache, get_policy
-    from dlm_decode.config import DecodeConfig
-
     batches = _int_list(args.batch_sizes, "--batch-sizes")
-    caches = [c for c in args.caches.split(",") if c.strip()]
+    cache_args = parse_args(args.cache_arg, "--cache-arg")
+    caches = [
+        CacheRef(name=c.strip(), args=cache_args) for c in args.caches.split(",") if c.strip()
+    ]
     policies = parse_policies(args.policies)
     if args.prompt_length < 1:
         raise BenchError("--prompt-length must be at least 1")
-    # Validate names and params before touching a device.
-    for c in caches:
-        get_cache(c)
-    for pol in policies:
-        p = get_policy(pol.name, **pol.args)
-        if p.requires:
-            raise BenchError(
-                f"policy {pol.name!r} needs {'/'.join(p.requires)}; the bench runs policies "
-                f"without a step budget (frechet, threshold, factor, frechet_robust)"
-            )
-    DecodeConfig(gen_length=args.gen_length, block_length=args.block_length)
+    # Resolve every cache × policy before touching a device.
+    settings: list[Resolved] = []
+    for cache in caches:
+        for pol in policies:
+            try:
+                settings.append(
+                    resolve(
+                        policy=pol,
+                        cache=cache,
+                        gen_length=args.gen_length,
+                        block_length=args.block_length,
+                    )
+                )
+            except ValueError as exc:
+                if "needs 'steps'" in str(exc):
+                    raise BenchError(
+                        f"policy {pol.name!r} needs steps (a step budget); the bench runs "
+                        f"policies without one"
+                    ) from None
+                raise
     total = args.prompt_length + args.gen_length
 
     old_threads = torch.get_num_threads()
@@ -571,15 +578,17 @@ def run(args: argparse.Namespace) -> int:
             "ms_per_nfe": "median over repeats of decode wall time / NFE (forward + selection)",
         }
         rows: list[BenchRow] = []
-        for cache in caches:
+        by_cache: dict[str, list[Resolved]] = {}
+        for st in settings:
+            by_cache.setdefault(st.cache_ref.label, []).append(st)
+        for group in by_cache.values():
             for bsz in batches:
-                for pol in policies:
+                for st in group:
                     rows.append(
                         bench_row(
                             model,
-                            cache,
+                            st,
                             bsz,
-                            pol,
                             prompt_length=args.prompt_length,
                             gen_length=args.gen_length,
                             block_length=args.block_length,
@@ -597,7 +606,8 @@ def run(args: argparse.Namespace) -> int:
         f"{source} on {meta['device_name']} ({meta['dtype']}), prompt {args.prompt_length}, "
         f"gen {args.gen_length}, block {args.block_length}; ms/NFE = median of "
         f"{max(1, args.repeats)} after {args.warmup} warm-up; 'outside' = share of step time "
-        f"outside the forward; peak = {meta['mem_kind']}"
+        f"outside the forward; tok-fwd = token positions computed per decode; "
+        f"peak = {meta['mem_kind']}"
     )
     print(format_table(rows, args.compare))
     if args.json:

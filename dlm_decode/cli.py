@@ -14,31 +14,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "parse_policy_args"]
+from pydantic import ValidationError
+
+from dlm_decode import bench
+from dlm_decode.ablate import cli as ablate_cli
+from dlm_decode.api import list_plugins
+from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef, format_value, parse_args
+from dlm_decode.decoder import Decoder
+from dlm_decode.evaluate import encode_prompts, evaluate, get_task
+from dlm_decode.models.loading import load_model, resolve_device
+from dlm_decode.registry import UnknownPluginError
+from dlm_decode.settings import Resolved, resolve
+
+__all__ = ["QUICKSTART_POLICIES", "CLIError", "build_parser", "decode_settings", "main"]
 
 
 class CLIError(Exception):
     """A user error reported as one line with exit code 2."""
-
-
-def parse_policy_args(items: Sequence[str] | None) -> dict[str, Any]:
-    """Parse ``["margin=0.25", "eta=0.05"]`` into ``{"margin": 0.25, "eta": 0.05}``.
-
-    Values are read as JSON (numbers, booleans, lists) and fall back to plain strings.
-
-    Raises:
-        CLIError: an item without ``=``.
-    """
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--policy-arg expects key=value (e.g. margin=0.25), got {item!r}")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -50,12 +42,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64")
 
 
-def _add_decode_args(p: argparse.ArgumentParser, *, gen: int, block: int) -> None:
-    p.add_argument("--policy", default="frechet", help="commit policy (dlm-decode plugins)")
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--policy-arg", action="append", default=[], metavar="K=V", help="policy parameter"
+        "--cache",
+        default=DecodeConfig.model_fields["cache"].default,
+        help="none, prefix, dual or a plugin's (dlm-decode plugins --kind cache)",
     )
-    p.add_argument("--cache", default="dual", help="none, prefix, dual or a plugin's")
+    p.add_argument(
+        "--cache-arg", action="append", default=[], metavar="K=V", help="cache parameter"
+    )
+
+
+def _add_decode_args(p: argparse.ArgumentParser, *, gen: int, block: int) -> None:
+    p.add_argument(
+        "--policy",
+        default=DecodeConfig.model_fields["policy"].default,
+        help="commit policy (dlm-decode plugins --kind policy)",
+    )
+    p.add_argument(
+        "--policy-arg",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="policy parameter (default: the policy's own defaults)",
+    )
+    _add_cache_args(p)
     p.add_argument("--gen-length", type=int, default=gen)
     p.add_argument("--block-length", type=int, default=block)
     p.add_argument("--steps", type=int, default=None, help="total steps (needed by fixed)")
@@ -64,16 +75,21 @@ def _add_decode_args(p: argparse.ArgumentParser, *, gen: int, block: int) -> Non
     p.add_argument("--early-stop", action="store_true", help="stop rows once they emit EOS")
 
 
-def _decode_config(args: argparse.Namespace, **over: Any):
-    from dlm_decode.config import DecodeConfig
+def decode_settings(args: argparse.Namespace, **over: Any) -> Resolved:
+    """Resolve the decode options of ``generate``/``eval`` before any model loads.
 
-    pargs = parse_policy_args(args.policy_arg)
-    if not pargs and args.policy in ("frechet", "frechet.v1"):
-        pargs = {"margin": 0.25}
+    Args:
+        args: the parsed options (``--policy``, ``--policy-arg``, ``--cache``,
+            ``--cache-arg``, lengths, ``--steps``, …).
+        **over: further ``DecodeConfig`` fields (``trace=True``).
+
+    Returns:
+        The [`Resolved`][dlm_decode.settings.Resolved] settings.
+
+    Raises:
+        CLIError: the policy needs a field that is not set (names the option).
+    """
     fields = dict(
-        policy=args.policy,
-        policy_args=pargs,
-        cache=args.cache,
         gen_length=args.gen_length,
         block_length=args.block_length,
         steps=args.steps,
@@ -82,24 +98,29 @@ def _decode_config(args: argparse.Namespace, **over: Any):
         early_stop=args.early_stop,
     )
     fields.update(over)
-    cfg = DecodeConfig(**fields)
-    # Resolve plugins now so unknown names/params fail before any model loads.
-    from dlm_decode.api import get_cache, get_policy
-
-    pol = get_policy(cfg.policy, **cfg.policy_args)
-    get_cache(cfg.cache, **cfg.cache_args)
-    for need in pol.requires:
-        if getattr(cfg, need) is None:
+    policy = PolicyRef(name=args.policy, args=parse_args(args.policy_arg, "--policy-arg"))
+    try:
+        return resolve(policy=policy, cache=_cache_ref(args), **fields)
+    except ValueError as exc:
+        if "needs 'steps'" in str(exc):
             raise CLIError(
-                f"policy {cfg.policy!r} needs --{need} (e.g. --{need} {cfg.gen_length} for one "
-                f"token per step)"
-            )
-    return cfg
+                f"policy {args.policy!r} needs --steps (e.g. --steps {args.gen_length} for "
+                f"one token per step)"
+            ) from None
+        raise
+
+
+def _cache_ref(args: argparse.Namespace) -> CacheRef:
+    return CacheRef(name=args.cache, args=parse_args(args.cache_arg, "--cache-arg"))
+
+
+def _settings_line(settings: Resolved) -> str:
+    """``policy frechet(margin=0.25) [frechet.v1], cache dual [dual.v1]``."""
+    p, c = settings.policy_ref, settings.cache_ref
+    return f"policy {p.label} [{p.key}], cache {c.label} [{c.key}]"
 
 
 def _load(args: argparse.Namespace):
-    from dlm_decode.models.loading import load_model, resolve_device
-
     return load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
 
 
@@ -108,31 +129,26 @@ def _load(args: argparse.Namespace):
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """List registered plugins."""
-    from dlm_decode.api import list_plugins
-
     rows = list_plugins(args.kind)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'kind':<7} {'key':<20} {'params':<32} {'source':<10} description")
+    print(f"{'kind':<7} {'key':<20} {'params':<32} {'source':<20} description")
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         if r["requires"]:
             params = (params + ", " if params else "") + "needs " + "/".join(r["requires"])
-        print(f"{r['kind']:<7} {r['key']:<20} {params:<32} {r['source']:<10} {r['doc']}")
+        print(f"{r['kind']:<7} {r['key']:<20} {params:<32} {r['source']:<20} {r['doc']}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from one prompt and print text, NFE and tokens/s."""
-    from dlm_decode.decoder import Decoder
-    from dlm_decode.evaluate import encode_prompts
-
-    cfg = _decode_config(args, trace=args.trace)
+    settings = decode_settings(args, trace=args.trace)
     model = _load(args)
     chat = None if args.chat == "auto" else args.chat == "yes"
     ids = encode_prompts(model, [args.prompt], chat=chat)
-    res = Decoder(model, cfg).generate(ids)
+    res = Decoder(model, settings.config).generate(ids)
     text = res.texts(model.tokenizer)[0]
     n_tok = int(res.response_lengths()[0])
     secs = res.timings["total_s"]
@@ -148,8 +164,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
     print(text)
     print(
-        f"-- {n_tok} tokens, NFE {res.nfe}, {n_tok / secs:.1f} tokens/s, "
-        f"{cfg.policy} {cfg.policy_args} cache={cfg.cache}",
+        f"-- {n_tok} tokens, NFE {res.nfe}, {res.token_forwards} token-forwards, "
+        f"{n_tok / secs:.1f} tokens/s, "
+        f"{_settings_line(settings)}",
         file=sys.stderr,
     )
     return 0
@@ -157,9 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate on a task; print the summary (and write rows)."""
-    from dlm_decode.evaluate import evaluate, get_task
-
-    cfg = _decode_config(args)
+    settings = decode_settings(args)
     task_kwargs: dict[str, Any] = {}
     if args.shots is not None:
         task_kwargs["shots"] = args.shots
@@ -176,20 +191,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 out_f.flush()
 
         res = evaluate(
-            model, task, cfg, limit=args.limit, batch_size=args.batch_size, on_row=on_row
+            model,
+            task,
+            settings.config,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            on_row=on_row,
         )
     finally:
         if out_f is not None:
             out_f.close()
-    summary = {"task": task.name, "config": cfg.model_dump(), **res.summary}
+    summary = {"task": task.name, "settings": settings.describe(), **res.summary}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         s = res.summary
+        print(f"{task.name}: {_settings_line(settings)}")
         print(
-            f"{task.name}: accuracy {s['accuracy']:.3f} (n={s['n']})  "
+            f"  accuracy {s['accuracy']:.3f} (n={s['n']})  "
             f"tokens/s {s['tokens_per_s']:.1f}  NFE/sample {s['nfe_per_sample']:.1f}  "
-            f"tokens/NFE {s['tokens_per_nfe']:.2f}"
+            f"tokens/NFE {s['tokens_per_nfe']:.2f}  "
+            f"token-forwards/sample {s['token_forwards_per_sample']:.0f}"
         )
         for k, v in s.items():
             if k.startswith("accuracy_"):
@@ -197,38 +219,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-QUICKSTART_SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("one token per step", "fixed", {}),
-    ("threshold 0.9", "threshold", {"threshold": 0.9}),
-    ("factor 0.75", "factor", {"factor": 0.75}),
-    ("frechet 0.25", "frechet", {"margin": 0.25}),
-]
+#: The rules the quickstart compares with one token per step, each at its own defaults.
+QUICKSTART_POLICIES: tuple[str, ...] = ("threshold", "factor", "frechet")
+#: The quickstart's baseline: ``fixed`` with one token per step.
+QUICKSTART_BASELINE = "fixed"
+
+
+def _short_label(ref: PolicyRef) -> str:
+    """``threshold 0.9``: the rule and its parameter values (the quickstart's rows)."""
+    values = " ".join(format_value(v) for _, v in sorted(ref.args.items()))
+    return f"{ref.bare_name} {values}".strip()
+
+
+def quickstart_settings(args: argparse.Namespace) -> list[tuple[str, Resolved]]:
+    """The quickstart's rows as resolved settings: ``(label, settings)``, baseline first."""
+    common = dict(
+        cache=_cache_ref(args), gen_length=args.gen_length, block_length=args.block_length
+    )
+    rows = [
+        ("one token per step", resolve(policy=QUICKSTART_BASELINE, steps=args.gen_length, **common))
+    ]
+    for name in QUICKSTART_POLICIES:
+        settings = resolve(policy=name, **common)
+        rows.append((_short_label(settings.policy_ref), settings))
+    return rows
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Compare the baseline, threshold, factor and Fréchet on the synthetic suite."""
-    from dlm_decode.config import DecodeConfig
-    from dlm_decode.evaluate import evaluate, get_task
-
+    rows = quickstart_settings(args)
     model = _load(args)
     task = get_task("synthetic")
     samples = task.samples(args.limit)
     results = []
-    for label, policy, pargs in QUICKSTART_SETTINGS:
-        cfg = DecodeConfig(
-            policy=policy,
-            policy_args=pargs,
-            cache=args.cache,
-            gen_length=args.gen_length,
-            block_length=args.block_length,
-            steps=args.gen_length if policy == "fixed" else None,
-        )
-        res = evaluate(model, task, cfg, samples=samples, batch_size=args.batch_size)
+    for label, settings in rows:
+        res = evaluate(model, task, settings.config, samples=samples, batch_size=args.batch_size)
         results.append((label, res.summary))
     base = results[0][1]
     lines = [
-        f"synthetic held-out, n={base['n']}, model={args.model}, cache={args.cache}, "
-        f"gen_length={args.gen_length}, block_length={args.block_length}",
+        f"synthetic held-out, n={base['n']}, model={args.model}, "
+        f"cache={rows[0][1].cache_ref.label}, gen_length={args.gen_length}, "
+        f"block_length={args.block_length}",
         "",
         "| setting | accuracy | tokens/s | NFE/sample | tokens/NFE | speed-up |",
         "|---|---|---|---|---|---|",
@@ -312,33 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("quickstart", help="the main job on the shipped tiny model")
     _add_model_args(sp)
     sp.add_argument("--limit", type=int, default=200)
-    sp.add_argument("--cache", default="dual")
+    _add_cache_args(sp)
     sp.add_argument("--gen-length", type=int, default=64)
     sp.add_argument("--block-length", type=int, default=16)
     sp.add_argument("--batch-size", type=int, default=50)
     sp.add_argument("--plot", default="quickstart.png", help="PNG path ('' to skip)")
     sp.set_defaults(func=cmd_quickstart)
 
-    for name, module, helptext in (
-        ("bench", "dlm_decode.bench", "benchmark ms per forward (NFE)"),
-        ("ablate", "dlm_decode.ablate", "run an ablation sweep from a YAML config"),
-    ):
-        try:
-            mod = __import__(module, fromlist=["add_arguments", "run"])
-        except ImportError:
-            continue
-        sp = sub.add_parser(name, help=helptext)
-        mod.add_arguments(sp)
-        sp.set_defaults(func=mod.run)
+    sp = sub.add_parser("bench", help="benchmark ms per forward (NFE)")
+    bench.add_arguments(sp)
+    sp.set_defaults(func=bench.run)
+    sp = sub.add_parser("ablate", help="run an ablation sweep from a YAML config")
+    ablate_cli.add_arguments(sp)
+    sp.set_defaults(func=ablate_cli.run)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dlm-decode``; returns the exit code."""
-    from pydantic import ValidationError
-
-    from dlm_decode.registry import UnknownPluginError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -366,10 +388,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dlm-decode: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    # Run the importable module's main so subcommand modules raise the same CLIError class.
-    from dlm_decode.cli import main as _main
-
-    sys.exit(_main())

@@ -3,14 +3,18 @@ block decoding.
 
 For each block of ``block_length`` positions, loop until the block has no mask: the first
 step of the block is a cache refresh, later steps a cache step (each one forward, one NFE);
-propose ``x0 = argmax(logits [+ gumbel])``, take the confidence ``p(x0)`` in float32 for
-the block's masked positions, let the policy choose the commit mask, write the commits.
-At most one host sync per step (the "is the block done?" check, which also carries the
-policy-contract check).
+propose ``x0 = argmax(logits [+ gumbel])`` and compute the signals the policy declared
+([`dlm_decode.signals`][dlm_decode.signals]), let the policy decide (a commit mask, or a
+[`Decision`][dlm_decode.signals.Decision] that may also edit or remask positions committed
+earlier in the block), apply it, count it and record it. At most one host sync per step
+(the "is the block done?" check, which also carries the policy-contract checks). A block
+that does not finish within ``max_steps_per_block`` steps is an error that names the
+policy and the budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,29 +24,45 @@ import torch
 
 from dlm_decode.config import DecodeConfig
 from dlm_decode.interfaces import (
-    Cache,
     CacheContext,
-    CommitPolicy,
+    CacheStep,
+    ForwardCounter,
     Model,
     StepState,
     positions_from_mask,
 )
+from dlm_decode.settings import CacheLike, PolicyLike, resolve
+from dlm_decode.signals import Decision, History, SignalSpec, compute_signals, parse_needs
 
 __all__ = [
+    "FLAGS",
+    "Applied",
+    "CacheContractError",
     "DecodeRun",
     "Decoder",
     "GenerationResult",
+    "NonFiniteLogitsError",
     "PolicyContractError",
     "SelectOut",
     "TraceStep",
+    "apply_decision",
+    "check_prompt_ids",
     "generate",
     "pad_prompts",
     "propose",
 ]
 
 
+class CacheContractError(RuntimeError):
+    """A cache broke its contract (wrote the sequence, returned misaligned logits)."""
+
+
 class PolicyContractError(RuntimeError):
     """A commit policy broke its contract (committed nothing, or an unmasked position)."""
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The logits of a step held NaN or infinite values (broken weights or a broken cache)."""
 
 
 @dataclass
@@ -56,6 +76,8 @@ class TraceStep:
         committed: per row, how many positions were committed.
         positions: per row, the absolute positions committed.
         tokens: per row, the token ids committed there.
+        edited: per row, the absolute positions whose token was edited.
+        remasked: per row, the absolute positions turned back into the mask.
     """
 
     block: int
@@ -64,6 +86,8 @@ class TraceStep:
     committed: list[int]
     positions: list[list[int]]
     tokens: list[list[int]]
+    edited: list[list[int]] = field(default_factory=list)
+    remasked: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -77,10 +101,21 @@ class GenerationResult:
         nfe: number of model forwards (function evaluations) the batch ran.
         nfe_per_row: ``(B,)`` long, forwards in which each row still had work.
         commit_counts: ``(steps, B)`` long, tokens committed per step and row.
+        edit_counts: ``(steps, B)`` long, committed tokens edited (changed) per step and row.
+        remask_counts: ``(steps, B)`` long, committed tokens turned back into the mask.
+        token_forwards: token positions the batch's forwards computed (rows × positions,
+            padding included): the cost beside NFE, which counts calls.
+        token_forwards_per_row: ``(B,)`` long, each row's own token positions (not its
+            left padding) computed in the forwards where it had work: what the row costs
+            in its own right, the same whatever it is batched with (a finished row rides
+            along in its batch's later forwards without being counted).
+        token_forwards_per_step: ``(steps,)`` long, positions each row computed at each
+            step.
         step_blocks: ``(steps,)`` long, the block index of each step.
         timings: wall-clock seconds: ``total_s`` (and ``forward_s``/``select_s`` when
             profiled).
-        trace: per-step :class:`TraceStep` records when tracing was requested.
+        trace: per-step [`TraceStep`][dlm_decode.decoder.TraceStep] records when tracing was
+            requested.
         config: the decode config that produced this result.
     """
 
@@ -95,6 +130,11 @@ class GenerationResult:
     config: DecodeConfig
     trace: list[TraceStep] | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
+    edit_counts: torch.Tensor | None = None
+    remask_counts: torch.Tensor | None = None
+    token_forwards: int = 0
+    token_forwards_per_row: torch.Tensor | None = None
+    token_forwards_per_step: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -119,25 +159,57 @@ class GenerationResult:
         ]
 
 
+FLAGS = (
+    "committed_unmasked",
+    "no_progress",
+    "continue",
+    "revoked_uneditable",
+    "sets_overlap",
+    "bad_tokens",
+    "masked_mutated",
+    "changed",
+    "cache_wrote_x",
+    "refresh_next",
+    "nonfinite",
+)
+"""Names of the step's contract and termination flags, in their order in ``SelectOut.flags``."""
+
+
 class SelectOut(NamedTuple):
     """Outputs of one select stage (static tensors when a FastDecoder replays a graph).
 
     Attributes:
-        flags: ``(3,)`` bool: committed an unmasked position, committed nothing in a row
-            with work, the block still has a mask after the commit.
+        flags: ``(11,)`` bool, in [`FLAGS`][dlm_decode.decoder.FLAGS] order: committed an
+            unmasked position; a row with work made no progress; some row takes part in the
+            next step (it has a mask, or it is still refining); edited or remasked a position that
+            was not committed earlier in the
+            block; the commit/edit/remask sets overlap; a written token is the mask id or
+            outside the vocabulary; ``select`` modified its ``masked`` argument; an edit or
+            remask changed the block; the cache wrote the sequence; the cache asked for a
+            refresh at the next step; an active row's logits were not finite.
         count: ``(B,)`` long, positions committed per row.
+        edits: ``(B,)`` long, committed positions whose token an edit changed, per row.
+        remasks: ``(B,)`` long, positions remasked per row.
         conf: ``(B, L)`` float32 confidences (for traces).
-        masked: ``(B, L)`` bool, masked positions before the commit (for traces).
-        commit: ``(B, L)`` bool, the policy's mask (for traces).
-        x0: ``(B, L)`` long proposals (for traces).
+        masked: ``(B, L)`` bool, masked positions before the step (for traces).
+        commit: ``(B, L)`` bool, the positions committed (for traces).
+        x0: ``(B, L)`` long, the tokens written at committed and edited positions.
+        edit: ``(B, L)`` bool, the positions an edit changed.
+        remask: ``(B, L)`` bool, the positions remasked.
+        active: ``(B,)`` bool, the rows that took part in the step.
     """
 
     flags: torch.Tensor
     count: torch.Tensor
+    edits: torch.Tensor
+    remasks: torch.Tensor
     conf: torch.Tensor
     masked: torch.Tensor
     commit: torch.Tensor
     x0: torch.Tensor
+    edit: torch.Tensor
+    remask: torch.Tensor
+    active: torch.Tensor
 
 
 @dataclass
@@ -150,8 +222,14 @@ class DecodeRun:
         prompt_length: ``P``, the padded prompt length.
         nfe_row: ``(B,)`` long, forwards in which each row had work.
         eos: ``(E,)`` long EOS ids (``-1`` when the model has none).
+        history: the active block's [`History`][dlm_decode.signals.History].
+        policy_state: the policy's tensors (from ``make_state``).
         logits: ``(B, L, V)`` logits of the active block, set by the forward stage.
-        generator: the sampling noise's generator (``temperature > 0``).
+        generator: the random generator (sampling, ``uniform`` signals).
+        x_before: ``(B, T)`` long, the sequence before the forward (the read-only check).
+        x_written: ``()`` bool, the cache wrote the sequence during the forward.
+        own_row: ``(B,)`` long, each row's own token positions computed in the steps where
+            it had work (``GenerationResult.token_forwards_per_row``).
     """
 
     x: torch.Tensor
@@ -159,8 +237,13 @@ class DecodeRun:
     prompt_length: int
     nfe_row: torch.Tensor
     eos: torch.Tensor
+    history: History
+    policy_state: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    x_before: torch.Tensor | None = None
+    x_written: torch.Tensor | None = None
+    own_row: torch.Tensor | None = None
 
 
 def pad_prompts(
@@ -204,7 +287,12 @@ def pad_prompts(
                 raise ValueError("a row of attention_mask is all padding: empty prompt")
             return ids, (None if bool(am.all()) else am)
         return ids, None
-    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError(
+            "prompts must be token ids, not text: encode them first (dlm_decode.evaluate."
+            "encode_prompts, or the tokenizer)"
+        )
+    rows = [_prompt_row(p, i) for i, p in enumerate(prompts)]
     if not rows:
         raise ValueError("no prompts given")
     empty = [i for i, r in enumerate(rows) if r.numel() == 0]
@@ -219,17 +307,74 @@ def pad_prompts(
     return ids, (None if bool(am.all()) else am)
 
 
+def _prompt_row(prompt: Any, row: int) -> torch.Tensor:
+    """One prompt as a 1-D long tensor; floats, booleans and text are refused (a float
+    would otherwise be truncated to an id)."""
+    if isinstance(prompt, (str, bytes)):
+        raise ValueError(
+            f"prompt {row} is text ({prompt[:20]!r}…); give token ids (encode it with the "
+            f"model's tokenizer first)"
+        )
+    try:
+        t = prompt if isinstance(prompt, torch.Tensor) else torch.as_tensor(prompt)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"prompt {row} is not a flat list of token ids: {exc}") from None
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.long)  # refused as an empty prompt by the caller
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(
+            f"prompt {row} holds {t.dtype} values; token ids are integers (a float such as "
+            f"12.7 is not an id)"
+        )
+    if t.dim() > 1:
+        raise ValueError(f"prompt {row} has shape {tuple(t.shape)}; give one flat list of ids")
+    return t.to(torch.long).flatten()
+
+
+def check_prompt_ids(
+    ids: torch.Tensor, am: torch.Tensor | None, vocab_size: int, mask_token_id: int
+) -> None:
+    """Refuse token ids the model cannot embed and the mask token in a prompt (one host
+    read of the prompt, before any forward).
+
+    Args:
+        ids: ``(B, P)`` long, the left-padded prompts.
+        am: ``(B, P)`` bool, true at real tokens (``None``: no padding).
+        vocab_size: the model's vocabulary size.
+        mask_token_id: the model's mask id.
+
+    Raises:
+        ValueError: names the row, the position and the id.
+    """
+    real = torch.ones_like(ids, dtype=torch.bool) if am is None else am.to(ids.device)
+    bad = real & ((ids < 0) | (ids >= vocab_size))
+    if bool(bad.any()):
+        r, c = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"prompt {r} holds token id {int(ids[r, c])} at position {c}, outside the "
+            f"model's vocabulary [0, {vocab_size}); check the tokenizer matches the model"
+        )
+    masked = real & (ids == mask_token_id)
+    if bool(masked.any()):
+        r, c = (int(v) for v in masked.nonzero()[0])
+        raise ValueError(
+            f"prompt {r} holds the mask token (id {mask_token_id}) at position {c}; prompts "
+            f"are conditioning text, and dlm_decode does not infill inside them: remove it "
+            f"(every generated position is masked already)"
+        )
+
+
 def propose(
     logits: torch.Tensor,
     mask_token_id: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Propose a token per position and its confidence.
+    """Propose a token per position and its confidence (the always-present signals).
 
     The mask token is never proposed. Confidence is the model's probability of the proposed
-    token, computed as ``exp(logit[x0] − logsumexp(logits))`` in float32 (no float64
-    softmax over the vocabulary).
+    token, ``exp(logit[x0] − logsumexp(logits))`` in float32 (no float64 softmax over the
+    vocabulary); see [`compute_signals`][dlm_decode.signals.compute_signals].
 
     Args:
         logits: ``(B, L, V)`` logits of the block.
@@ -241,17 +386,11 @@ def propose(
     Returns:
         ``x0`` ``(B, L)`` long and ``confidence`` ``(B, L)`` float32.
     """
-    lf = logits.float()  # (B, L, V)
-    lf[..., mask_token_id] = float("-inf")
-    lse = torch.logsumexp(lf, dim=-1)  # (B, L)
-    if temperature > 0:
-        u = torch.rand(lf.shape, dtype=torch.float64, device=lf.device, generator=generator)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))  # (B, L, V) float64
-        x0 = (lf.double() / temperature + gumbel).argmax(-1)  # (B, L)
-        top = lf.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, L)
-    else:
-        top, x0 = lf.max(-1)  # (B, L)
-    return x0, torch.exp(top - lse)
+    block = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+    sig = compute_signals(
+        logits, block, mask_token_id, SignalSpec(), temperature=temperature, generator=generator
+    )
+    return sig.x0, sig.confidence
 
 
 def _early_stop(x: torch.Tensor, prompt_length: int, mask_id: int, eos: torch.Tensor) -> None:
@@ -272,14 +411,29 @@ def _early_stop(x: torch.Tensor, prompt_length: int, mask_id: int, eos: torch.Te
 class Decoder:
     """A resolved decode: model + cache + policy objects, reusable across prompts.
 
-    Plugins are resolved and their params validated once, here; :meth:`generate` only
-    calls plain objects.
+    Plugins are resolved and their params validated once, here (through
+    [`resolve`][dlm_decode.settings.resolve]); [`generate`][dlm_decode.decoder.Decoder.generate]
+    only calls plain objects.
+    ``policy`` and ``cache`` take the same forms as in
+    [`generate`][dlm_decode.decoder.generate]: a name (with ``policy_args`` /
+    ``cache_args``), ``"name:k=v"``, a [`PolicyRef`][dlm_decode.config.PolicyRef] /
+    [`CacheRef`][dlm_decode.config.CacheRef], or a ready object.
 
     Args:
         model: the model.
-        config: the decode config (or keyword fields of one).
-        policy: a ready policy object overriding ``config.policy`` (e.g. a test's fake).
-        cache: a ready cache object overriding ``config.cache``.
+        config: the decode config; the keyword arguments below override its fields.
+        policy: the commit policy (overrides ``config.policy``).
+        policy_args: the named policy's parameters.
+        cache: the cache (overrides ``config.cache``).
+        cache_args: the named cache's parameters.
+        **fields: other [`DecodeConfig`][dlm_decode.config.DecodeConfig] fields.
+
+    Attributes:
+        config: the resolved config (versioned keys, every parameter with its default).
+        policy: the policy object.
+        cache: the cache object.
+        settings: the [`Resolved`][dlm_decode.settings.Resolved] settings, with the
+            policy's and cache's references and labels.
     """
 
     def __init__(
@@ -287,33 +441,38 @@ class Decoder:
         model: Model,
         config: DecodeConfig | None = None,
         *,
-        policy: CommitPolicy | None = None,
-        cache: Cache | None = None,
+        policy: PolicyLike | None = None,
+        policy_args: dict[str, Any] | None = None,
+        cache: CacheLike | None = None,
+        cache_args: dict[str, Any] | None = None,
         **fields: Any,
     ) -> None:
-        from dlm_decode.api import get_cache, get_policy
-
-        if config is None:
-            config = DecodeConfig(**fields)
-        elif fields:
-            config = config.model_copy(update=fields)
-            config = DecodeConfig.model_validate(config.model_dump())
         self.model = model
-        self.config = config
-        self.policy = (
-            policy if policy is not None else get_policy(config.policy, **config.policy_args)
+        self.settings = resolve(
+            config,
+            policy=policy,
+            policy_args=policy_args,
+            cache=cache,
+            cache_args=cache_args,
+            **fields,
         )
-        self.cache = cache if cache is not None else get_cache(config.cache, **config.cache_args)
-        for need in getattr(self.policy, "requires", ()):
-            if getattr(config, need, None) is None:
-                raise ValueError(
-                    f"policy {self.policy.key!r} needs {need!r} to be set; for one token per "
-                    f"step use steps=gen_length ({config.gen_length})"
-                )
+        self.config = self.settings.config
+        self.policy = self.settings.policy
+        self.cache = self.settings.cache
+        self.signal_spec = parse_needs(self.policy.needs, owner=f"policy {self.policy.key}")
+        refine = self.policy.refine_steps
+        if not isinstance(refine, int) or refine < 0:
+            raise ValueError(
+                f"policy {self.policy.key}: refine_steps must be an int ≥ 0, got {refine!r}"
+            )
+        self.step_budget = self.config.max_steps_per_block or self.policy.step_budget(
+            self.config.block_length
+        )
 
     # -- the loop's stages (FastDecoder overrides these, not the loop) ---------------
     def _begin(self, ids: torch.Tensor, am: torch.Tensor | None) -> DecodeRun:
-        """Allocate the decode's state: sequence, key mask, positions, cache buffers."""
+        """Allocate the decode's state: sequence, key mask, positions, cache buffers,
+        the block history and the policy's tensors."""
         cfg, model = self.config, self.model
         bsz, p = ids.shape
         total = p + cfg.gen_length
@@ -327,7 +486,12 @@ class Decoder:
         else:
             full_am = None
             positions = torch.arange(total, device=dev).expand(bsz, total)
-        ctx = CacheContext(model=model, attention_mask=full_am, position_ids=positions)
+        ctx = CacheContext(
+            model=ForwardCounter(model, full_am, total, bsz),
+            attention_mask=full_am,
+            position_ids=positions,
+            refresh_flag=torch.zeros((), dtype=torch.bool, device=dev),
+        )
         self.cache.setup(ctx, bsz, total)
         return DecodeRun(
             x=x,
@@ -335,34 +499,173 @@ class Decoder:
             prompt_length=p,
             nfe_row=torch.zeros(bsz, dtype=torch.long, device=dev),
             eos=torch.tensor(model.eos_token_ids or (-1,), device=dev),
+            history=History.empty(bsz, cfg.block_length, dev),
+            policy_state=self._policy_state(bsz, dev),
+            x_before=torch.empty_like(x),
+            x_written=torch.zeros((), dtype=torch.bool, device=dev),
+            own_row=torch.zeros(bsz, dtype=torch.long, device=dev),
         )
 
-    def _forward(self, run: DecodeRun, refresh: bool, bs: int, be: int) -> None:
-        """One NFE: the cache's refresh (block start) or step; sets ``run.logits``."""
-        if refresh:
-            run.logits = self.cache.refresh(run.ctx, run.x, bs, be)  # (B, L, V)
-        else:
-            run.logits = self.cache.step(run.ctx, run.x, bs, be)  # (B, L, V)
+    def _policy_state(self, bsz: int, dev: torch.device) -> dict[str, torch.Tensor]:
+        state = self.policy.make_state(bsz, self.config.block_length, self.model.vocab_size, dev)
+        if not isinstance(state, dict) or not all(
+            isinstance(t, torch.Tensor) for t in state.values()
+        ):
+            raise PolicyContractError(
+                f"policy {self.policy.key}: make_state must return a dict of tensors, got "
+                f"{type(state).__name__}"
+            )
+        return state
+
+    def _begin_block(self, run: DecodeRun, bs: int, be: int) -> None:
+        """Reset the block's history and the policy's tensors (in place)."""
+        masked = run.x[:, bs:be] == self.model.mask_token_id  # (B, L)
+        run.history.reset(masked)
+        self.policy.reset_state(run.policy_state, masked)
+
+    def _cache_call(self, run: DecodeRun, refresh: bool, bs: int, be: int) -> torch.Tensor:
+        """The cache's refresh or step, with the read-only check of ``x`` around it."""
+        run.x_before.copy_(run.x)
+        run.ctx.refresh_flag.zero_()
+        call = self.cache.refresh if refresh else self.cache.step
+        logits = call(run.ctx, run.x, bs, be)  # (B, L, V)
+        run.x_written.copy_((run.x != run.x_before).any())
+        self._check_logits(logits, run.x.shape[0], be - bs, "refresh" if refresh else "step")
+        return logits
+
+    def _check_logits(self, logits: Any, bsz: int, length: int, call: str) -> None:
+        """The cache returned a ``(B, L, V)`` floating tensor on the model's device
+        (host-side: shapes only, no sync)."""
+        want = (bsz, length, self.model.vocab_size)
+        if not isinstance(logits, torch.Tensor):
+            raise CacheContractError(
+                f"cache {self.cache.key}.{call} returned a {type(logits).__name__}; it must "
+                f"return the active block's logits, a {want} (B, L, V) tensor"
+            )
+        if tuple(logits.shape) != want or not logits.is_floating_point():
+            raise CacheContractError(
+                f"cache {self.cache.key}.{call} returned logits of shape "
+                f"{tuple(logits.shape)} {logits.dtype}; they must be {want} (B, L, V) floats: "
+                f"one row per position of the active block"
+            )
+        dev, got = torch.device(self.model.device), logits.device
+        if got.type != dev.type or (dev.index is not None and got.index != dev.index):
+            raise CacheContractError(
+                f"cache {self.cache.key}.{call} returned logits on {logits.device}, not on "
+                f"the model's device {self.model.device}"
+            )
+
+    def _forward(self, run: DecodeRun, refresh: bool, bs: int, be: int) -> int:
+        """One NFE: the cache's refresh or step; sets ``run.logits``.
+
+        Returns:
+            The token positions each row computed (``S``, from ``ctx.model``'s counter).
+        """
+        run.logits = self._cache_call(run, refresh, bs, be)
+        return run.ctx.model.reset()[1]
+
+    def _decide(self, masked: torch.Tensor, state: StepState) -> Decision:
+        """Call the policy and check the shape of what it returned (host-side, no sync)."""
+        policy = self.policy
+        out = policy.select(state.signals.confidence, masked, state)
+        dec = out if isinstance(out, Decision) else Decision(out)
+        if (dec.edit is not None or dec.remask is not None) and not policy.revokes:
+            raise PolicyContractError(
+                f"policy {policy.key} returned edit/remask sets but does not declare "
+                f"`revokes = True`; declare it (the Decoder then allows a larger step budget)"
+            )
+        for name in ("commit", "edit", "remask", "tokens"):
+            t = getattr(dec, name)
+            if t is None:
+                continue
+            want = torch.long if name == "tokens" else torch.bool
+            if not isinstance(t, torch.Tensor) or t.shape != masked.shape or t.dtype != want:
+                got = (
+                    f"{tuple(t.shape)} {t.dtype}"
+                    if isinstance(t, torch.Tensor)
+                    else type(t).__name__
+                )
+                raise PolicyContractError(
+                    f"policy {policy.key} returned {name} as {got}; it must be a "
+                    f"{tuple(masked.shape)} {want} tensor (B, L) on {masked.device}"
+                )
+            if t.device != masked.device:
+                raise PolicyContractError(
+                    f"policy {policy.key} returned {name} on {t.device}, not {masked.device}"
+                )
+        return dec
 
     def _select(self, run: DecodeRun, bs: int, be: int, state: StepState) -> SelectOut:
-        """Propose, let the policy choose, commit into ``run.x``, compute the step's flags."""
-        cfg, mask_id = self.config, self.model.mask_token_id
-        x = run.x  # (B, T)
+        """Signals, the policy's decision, the update of ``run.x`` and the history, and the
+        step's flags; tensor-only (the fast path captures it)."""
+        cfg, mask_id, refine = self.config, self.model.mask_token_id, self.policy.refine_steps
+        x, hist = run.x, run.history
         blk = x[:, bs:be]  # (B, L) view
         masked = blk == mask_id  # (B, L)
-        has_work = masked.any(-1)  # (B,)
-        run.nfe_row.add_(has_work)
-        x0, conf = propose(run.logits, mask_id, cfg.temperature, run.generator)  # (B, L) ×2
-        commit = self.policy.select(conf, masked, state)  # (B, L) bool
-        take = commit & masked  # (B, L)
-        bad_unmasked = (commit != take).any()
-        bad_none = (has_work & ~take.any(-1)).any()
-        blk.copy_(torch.where(take, x0, blk))
+        had_mask = masked.any(-1)  # (B,)
+        act = hist.active.clone()  # (B,) rows taking part in this step
+        hist.post.add_(act & ~had_mask)
+        run.nfe_row.add_(act)
+        own = run.ctx.model.own_positions  # (B,) the forward's own positions per row
+        run.own_row.add_(torch.where(act, own, 0))
+        own.zero_()
+        sig = compute_signals(
+            run.logits,
+            blk,
+            mask_id,
+            self.signal_spec,
+            temperature=cfg.temperature,
+            generator=run.generator,
+            history=hist,
+            owner=f"policy {self.policy.key}",
+        )
+        state = dataclasses.replace(
+            state, signals=sig, policy_state=run.policy_state, block_start=bs
+        )
+        given = masked.clone()  # the policy's copy: a policy that writes it changes nothing
+        dec = self._decide(given, state)
+        rows = act.unsqueeze(-1)  # (B, 1): a finished row is never changed again
+        dec = dec._replace(
+            edit=None if dec.edit is None else dec.edit & rows,
+            remask=None if dec.remask is None else dec.remask & rows,
+        )
+        app = apply_decision(dec, sig, masked, hist.editable, mask_id, run.logits.shape[-1])
+        blk.copy_(app.block)
+        hist.committed_at.copy_(
+            torch.where(
+                app.commit | app.edit, hist.step, torch.where(app.remask, -1, hist.committed_at)
+            )
+        )
+        hist.revoked.add_(app.remask)
+        hist.prev_confidence.copy_(sig.confidence)
+        hist.prev_x0.copy_(sig.x0)
+        hist.step.add_(1)
         if cfg.early_stop:
             _early_stop(x, run.prompt_length, mask_id, run.eos)
-        left = (x[:, bs:be] == mask_id).any()
-        flags = torch.stack([bad_unmasked, bad_none, left])  # (3,)
-        return SelectOut(flags, take.sum(-1), conf, masked, commit, x0)
+        has_mask = (x[:, bs:be] == mask_id).any(-1)  # (B,)
+        changed = (app.edit | app.remask).any(-1)  # (B,)
+        refining = (had_mask | changed) & (hist.post < refine)  # (B,) another post-step
+        hist.active.copy_(act & (has_mask | refining))
+        flags = torch.cat([app.flags, torch.zeros(3, dtype=torch.bool, device=masked.device)])
+        flags[FLAGS.index("continue")] = hist.active.any()
+        flags[FLAGS.index("masked_mutated")] = (given != masked).any()
+        flags[FLAGS.index("cache_wrote_x")] = run.x_written
+        flags[FLAGS.index("refresh_next")] = run.ctx.refresh_flag
+        # NaN/inf anywhere in a row's logits makes its confidences NaN: one (B, L) check.
+        flags[FLAGS.index("nonfinite")] = (~torch.isfinite(sig.confidence) & rows).any()
+        return SelectOut(
+            flags,
+            app.commit.sum(-1),
+            app.edit.sum(-1),
+            app.remask.sum(-1),
+            sig.confidence,
+            masked,
+            app.commit,
+            app.tokens,
+            app.edit,
+            app.remask,
+            act,
+        )
 
     def _finish(self, run: DecodeRun) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The result's ``sequences`` and key mask (FastDecoder copies its static buffers)."""
@@ -383,11 +686,12 @@ class Decoder:
             attention_mask: ``(B, P)`` mask for an already left-padded tensor.
 
         Returns:
-            A :class:`GenerationResult`.
+            A [`GenerationResult`][dlm_decode.decoder.GenerationResult].
         """
         cfg, model, policy = self.config, self.model, self.policy
         t0 = time.perf_counter()
         ids, am = pad_prompts(prompt_ids, model.pad_token_id, attention_mask)
+        check_prompt_ids(ids, am, model.vocab_size, model.mask_token_id)
         bsz, p = ids.shape
         total = p + cfg.gen_length
         if total > model.max_length:
@@ -399,31 +703,55 @@ class Decoder:
             raise ValueError("a shifted-logits model needs a prompt of at least one token")
         run = self._begin(ids, am)
         dev = model.device
-        if cfg.temperature > 0:
+        if cfg.temperature > 0 or "uniform" in self.signal_spec:
             run.generator = torch.Generator(device=dev)
             run.generator.manual_seed(cfg.seed)
         sync = torch.cuda.synchronize if dev.type == "cuda" and cfg.profile else (lambda: None)
 
         nfe = 0
         counts: list[torch.Tensor] = []
+        edits: list[torch.Tensor] = []
+        remasks: list[torch.Tensor] = []
         step_blocks: list[int] = []
+        positions: list[int] = []  # token positions each row computed, per step
         trace: list[TraceStep] | None = [] if cfg.trace else None
         t_fwd = t_sel = 0.0
-        bl = cfg.block_length
+        bl, budget, cache = cfg.block_length, self.step_budget, self.cache
+        requested = False
         for b in range(cfg.num_blocks):
             bs, be = p + b * bl, p + (b + 1) * bl
             m0 = (run.x[:, bs:be] == model.mask_token_id).sum(-1)  # (B,)
             if not bool(m0.any()):  # rows finished by early stop
                 continue
+            self._begin_block(run, bs, be)
             step = 0
+            last: SelectOut | None = None
             while True:
-                if step > bl:
+                if step >= budget:
                     raise PolicyContractError(
-                        f"block {b} still has masks after {step} steps; the policy "
-                        f"{policy.key} is not committing"
+                        f"block {b} did not finish within the step budget of {budget} steps "
+                        f"(max_steps_per_block) under policy {policy.key}, which keeps "
+                        f"revoking or editing; raise max_steps_per_block or make the rule "
+                        f"revoke less"
                     )
+                run.ctx.step = CacheStep(
+                    block_index=b,
+                    step=step,
+                    forward_index=nfe,
+                    block_start=bs,
+                    block_end=be,
+                    refresh_requested=requested,
+                    last_commit=None if last is None else last.commit,
+                    last_edit=None if last is None else last.edit,
+                    last_remask=None if last is None else last.remask,
+                )
+                refresh = (
+                    step == 0
+                    or cache.wants_refresh(run.ctx)
+                    or (requested and cache.refresh_on_request)
+                )
                 ta = time.perf_counter()
-                self._forward(run, step == 0, bs, be)
+                positions.append(self._forward(run, refresh, bs, be))
                 sync()
                 tb = time.perf_counter()
                 nfe += 1
@@ -433,37 +761,42 @@ class Decoder:
                     num_blocks=cfg.num_blocks,
                     steps_per_block=cfg.steps_per_block,
                     block_masked_at_start=m0,
+                    block_start=bs,
                 )
                 out = self._select(run, bs, be, state)
                 if trace is not None:
-                    trace.append(_trace_step(b, step, bs, out.conf, out.masked, out.commit, out.x0))
+                    trace.append(_trace_step(b, step, bs, out))
                 counts.append(out.count)
+                edits.append(out.edits)
+                remasks.append(out.remasks)
                 step_blocks.append(b)
-                flags = out.flags.tolist()  # the step's one host sync
+                flags = dict(zip(FLAGS, out.flags.tolist(), strict=True))  # the one host sync
                 sync()
                 t_sel += time.perf_counter() - tb
                 t_fwd += tb - ta
-                if flags[0]:
-                    raise PolicyContractError(
-                        f"policy {policy.key} committed a position that is not masked "
-                        f"(block {b}, step {step}); select() must return commit & masked"
+                if flags["cache_wrote_x"]:
+                    raise CacheContractError(
+                        f"cache {cache.key} wrote the sequence x (block {b}, step {step}); a "
+                        f"cache reads x and returns logits, the Decoder alone writes tokens"
                     )
-                if flags[1]:
-                    raise PolicyContractError(
-                        f"policy {policy.key} committed nothing in a row that still has "
-                        f"masked positions (block {b}, step {step}); it must commit at least "
-                        f"one per such row"
+                if flags["nonfinite"]:
+                    raise NonFiniteLogitsError(
+                        f"the logits of block {b}, step {step} hold NaN or inf (model "
+                        f"{type(model).__name__}, cache {cache.key}); check the checkpoint's "
+                        f"weights (load_model checks them unless check_weights=False) and the "
+                        f"cache's forward"
                     )
-                if not flags[2]:
+                _raise_for_flags(flags, policy.key, b, step)
+                requested = flags["refresh_next"]
+                last = out
+                if not flags["continue"]:
                     break
                 step += 1
         timings = {"total_s": time.perf_counter() - t0}
         if cfg.profile or dev.type == "cpu":
             timings.update(forward_s=t_fwd, select_s=t_sel)
-        commit_counts = (
-            torch.stack(counts).cpu() if counts else torch.zeros((0, bsz), dtype=torch.long)
-        )
         sequences, full_am = self._finish(run)
+        per_step = torch.tensor(positions, dtype=torch.long)  # (steps,)
         return GenerationResult(
             sequences=sequences,
             prompt_length=p,
@@ -472,26 +805,136 @@ class Decoder:
             else torch.ones((bsz, total), dtype=torch.bool, device=dev),
             nfe=nfe,
             nfe_per_row=run.nfe_row.cpu(),
-            commit_counts=commit_counts,
+            commit_counts=_stack(counts, bsz),
             step_blocks=torch.tensor(step_blocks, dtype=torch.long),
             timings=timings,
             config=cfg,
             trace=trace,
             eos_token_ids=tuple(model.eos_token_ids),
+            edit_counts=_stack(edits, bsz),
+            remask_counts=_stack(remasks, bsz),
+            token_forwards=int(per_step.sum()) * bsz,
+            token_forwards_per_row=run.own_row.cpu().clone(),
+            token_forwards_per_step=per_step,
         )
 
 
-def _trace_step(
-    block: int,
-    step: int,
-    block_start: int,
-    conf: torch.Tensor,
+class Applied(NamedTuple):
+    """A decision applied to the active block (see
+    [`apply_decision`][dlm_decode.decoder.apply_decision])."""
+
+    block: torch.Tensor
+    """``(B, L)`` long, the block after the step."""
+    commit: torch.Tensor
+    """``(B, L)`` bool, masked positions filled."""
+    edit: torch.Tensor
+    """``(B, L)`` bool, committed positions whose token changed."""
+    remask: torch.Tensor
+    """``(B, L)`` bool, committed positions turned back into the mask."""
+    tokens: torch.Tensor
+    """``(B, L)`` long, the tokens written at ``commit`` and ``edit`` positions."""
+    flags: torch.Tensor
+    """``(8,)`` bool: the first eight of [`FLAGS`][dlm_decode.decoder.FLAGS] (``continue``
+    and ``masked_mutated`` left false: the caller sets them)."""
+
+
+def apply_decision(
+    dec: Decision,
+    signals: Any,
     masked: torch.Tensor,
-    commit: torch.Tensor,
-    x0: torch.Tensor,
-) -> TraceStep:
-    conf_c, masked_c, commit_c, x0_c = (t.cpu() for t in (conf, masked, commit, x0))
-    profiles, committed, positions, tokens = [], [], [], []
+    editable: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+) -> Applied:
+    """Apply a policy's decision to the block and check it against the contract
+    (tensor-only, no host sync; the Decoder and
+    [`check_policy`][dlm_decode.testing.check_policy] share it).
+
+    Args:
+        dec: the decision (``commit`` at least).
+        signals: the step's [`StepSignals`][dlm_decode.signals.StepSignals] (``x0``,
+            ``block``).
+        masked: ``(B, L)`` bool, the block's masked positions before the step.
+        editable: ``(B, L)`` bool, positions committed earlier in this block.
+        mask_token_id: the mask id.
+        vocab_size: ``V`` (written tokens must lie in ``[0, V)``).
+
+    Returns:
+        The [`Applied`][dlm_decode.decoder.Applied] step.
+    """
+    blk = signals.block
+    none = torch.zeros_like(masked)
+    commit = dec.commit
+    edit = dec.edit if dec.edit is not None else none
+    remask = dec.remask if dec.remask is not None else none
+    tokens = dec.tokens if dec.tokens is not None else signals.x0  # (B, L)
+    take = commit & masked
+    ed = edit & editable & (tokens != blk)  # edits that change a token
+    rm = remask & editable
+    has_mask = masked.any(-1)  # (B,)
+    written = take | ed
+    bad_tok = (tokens < 0) | (tokens >= vocab_size) | (tokens == mask_token_id)
+    false = torch.zeros((), dtype=torch.bool, device=masked.device)
+    flags = torch.stack(
+        [
+            (commit & ~masked).any(),
+            (has_mask & ~(take.any(-1) | ed.any(-1) | rm.any(-1))).any(),
+            false,
+            ((edit | remask) & ~editable).any(),
+            ((commit & edit) | (commit & remask) | (edit & remask)).any(),
+            (written & bad_tok).any(),
+            false,
+            ed.any() | rm.any(),
+        ]
+    )  # (8,)
+    new = torch.where(written, tokens, blk)
+    new = torch.where(rm, torch.full_like(new, mask_token_id), new)
+    return Applied(new, take, ed, rm, tokens, flags)
+
+
+def _stack(rows: list[torch.Tensor], bsz: int) -> torch.Tensor:
+    return torch.stack(rows).cpu() if rows else torch.zeros((0, bsz), dtype=torch.long)
+
+
+def _raise_for_flags(flags: dict[str, bool], key: str, block: int, step: int) -> None:
+    """Turn a step's contract flags into a
+    [`PolicyContractError`][dlm_decode.decoder.PolicyContractError]."""
+    where = f"(block {block}, step {step})"
+    if flags["masked_mutated"]:
+        raise PolicyContractError(
+            f"policy {key} wrote into its `masked` argument {where}; treat it as read only"
+        )
+    if flags["committed_unmasked"]:
+        raise PolicyContractError(
+            f"policy {key} committed a position that is not masked {where}; select() must "
+            f"return commit & masked (use a Decision's edit set to change committed tokens)"
+        )
+    if flags["revoked_uneditable"]:
+        raise PolicyContractError(
+            f"policy {key} edited or remasked a position that was not committed earlier in "
+            f"this block {where}; only history.editable positions may be revoked"
+        )
+    if flags["sets_overlap"]:
+        raise PolicyContractError(
+            f"policy {key} put a position in more than one of commit, edit and remask "
+            f"{where}; the three sets must be disjoint"
+        )
+    if flags["bad_tokens"]:
+        raise PolicyContractError(
+            f"policy {key} wrote the mask token or an id outside the vocabulary {where}"
+        )
+    if flags["no_progress"]:
+        raise PolicyContractError(
+            f"policy {key} committed nothing in a row that still has masked positions "
+            f"{where}; it must commit at least one per such row"
+        )
+
+
+def _trace_step(block: int, step: int, block_start: int, out: SelectOut) -> TraceStep:
+    conf_c, masked_c, commit_c, x0_c, edit_c, remask_c = (
+        t.cpu() for t in (out.conf, out.masked, out.commit, out.x0, out.edit, out.remask)
+    )
+    profiles, committed, positions, tokens, edited, remasked = [], [], [], [], [], []
     for r in range(conf_c.shape[0]):
         vals = conf_c[r][masked_c[r]].sort(descending=True).values
         profiles.append([float(v) for v in vals])
@@ -499,73 +942,62 @@ def _trace_step(
         committed.append(int(idx.numel()))
         positions.append([block_start + int(i) for i in idx])
         tokens.append([int(t) for t in x0_c[r][idx]])
-    return TraceStep(block, step, profiles, committed, positions, tokens)
+        edited.append([block_start + int(i) for i in edit_c[r].nonzero().flatten()])
+        remasked.append([block_start + int(i) for i in remask_c[r].nonzero().flatten()])
+    return TraceStep(block, step, profiles, committed, positions, tokens, edited, remasked)
 
 
 def generate(
     model: Model,
     prompt_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
     *,
-    policy: str | CommitPolicy = "frechet",
+    policy: PolicyLike | None = None,
     policy_args: dict[str, Any] | None = None,
-    cache: str | Cache = "dual",
+    cache: CacheLike | None = None,
     cache_args: dict[str, Any] | None = None,
-    gen_length: int = 256,
-    block_length: int = 32,
-    steps: int | None = None,
-    temperature: float = 0.0,
-    seed: int = 0,
-    early_stop: bool = False,
-    trace: bool = False,
     attention_mask: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    **fields: Any,
 ) -> GenerationResult:
     """Decode prompts with a commit policy and a KV cache.
 
     Args:
         model: a loaded [`Model`][dlm_decode.interfaces.Model] (see ``load_model``).
         prompt_ids: ``(B, P)`` long tensor, or a list of prompts of different lengths.
-        policy: policy name (``frechet``, ``threshold``, ``factor``, ``fixed``, …) or object.
-        policy_args: the policy's params; default ``{"margin": 0.25}`` for ``frechet``.
-        cache: ``none``, ``prefix``, ``dual`` or a plugin's name, or a cache object.
-        cache_args: the cache's params.
-        gen_length: tokens to generate (a multiple of ``block_length``).
-        block_length: tokens per block.
-        steps: total steps over all blocks (required by ``fixed``).
-        temperature: 0 for argmax, > 0 for Gumbel-max sampling.
-        seed: seed of the sampling noise.
-        early_stop: stop spending forwards on rows that have finished with EOS.
-        trace: record the confidence profile and commits of every step.
+        policy: the commit policy: a name (``frechet``, ``threshold``, ``factor``,
+            ``fixed``, a plugin's), ``"name:k=v"``, a
+            [`PolicyRef`][dlm_decode.config.PolicyRef] or a ready object; default
+            ``config.policy``.
+        policy_args: the named policy's params; empty or ``None`` means its defaults.
+        cache: ``none``, ``prefix``, ``dual``, a plugin's name, a
+            [`CacheRef`][dlm_decode.config.CacheRef] or a ready object.
+        cache_args: the named cache's params.
         attention_mask: ``(B, P)`` mask when ``prompt_ids`` is already left-padded.
-        config: a full [`DecodeConfig`][dlm_decode.config.DecodeConfig]; when given, the
-            keyword fields above are ignored.
+        config: a [`DecodeConfig`][dlm_decode.config.DecodeConfig]; the other keyword
+            arguments override its fields.
+        **fields: other ``DecodeConfig`` fields: ``gen_length`` (default 256),
+            ``block_length`` (32), ``steps`` (required by ``fixed``), ``temperature``,
+            ``seed``, ``early_stop``, ``trace``, ``profile``.
 
     Returns:
         A [`GenerationResult`][dlm_decode.decoder.GenerationResult].
 
     Examples:
         >>> import dlm_decode
-        >>> model = dlm_decode.load_model("tiny")  # doctest: +SKIP
-        >>> out = dlm_decode.generate(model, [[1, 2, 3]], policy="frechet",
-        ...                           policy_args={"margin": 0.25})  # doctest: +SKIP
+        >>> model = dlm_decode.load_model("tiny")
+        >>> ids = model.tokenizer("copy: jigiuroujgttdoky\\n")["input_ids"]
+        >>> out = dlm_decode.generate(model, [ids], policy="threshold", gen_length=32,
+        ...                           block_length=16)
+        >>> out.config.policy, out.texts(model.tokenizer)[0], out.nfe
+        ('threshold.v1', 'jigiuroujgttdoky', 2)
     """
-    pol_obj = policy if isinstance(policy, CommitPolicy) else None
-    cache_obj = cache if isinstance(cache, Cache) else None
-    if config is None:
-        if policy_args is None:
-            policy_args = {"margin": 0.25} if policy in ("frechet", "frechet.v1") else {}
-        config = DecodeConfig(
-            policy=pol_obj.key if pol_obj else policy,
-            policy_args=pol_obj.params.model_dump() if pol_obj else policy_args,
-            cache=cache_obj.key if cache_obj else cache,
-            cache_args=cache_obj.params.model_dump() if cache_obj else (cache_args or {}),
-            gen_length=gen_length,
-            block_length=block_length,
-            steps=steps,
-            temperature=temperature,
-            seed=seed,
-            early_stop=early_stop,
-            trace=trace,
-        )
-    dec = Decoder(model, config, policy=pol_obj, cache=cache_obj)
+    dec = Decoder(
+        model,
+        config,
+        policy=policy,
+        policy_args=policy_args,
+        cache=cache,
+        cache_args=cache_args,
+        **fields,
+    )
     return dec.generate(prompt_ids, attention_mask=attention_mask)

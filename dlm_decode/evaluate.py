@@ -6,26 +6,31 @@ tokens and EOS padding are excluded (counting them inflates tokens/s).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from dlm_decode.config import DecodeConfig
 from dlm_decode.decoder import Decoder
 from dlm_decode.interfaces import Model
-from dlm_decode.tasks.base import Sample, Task
+from dlm_decode.registry import get_registry
+from dlm_decode.tasks.base import Sample, Task, check_unique_ids, load_samples
 
 __all__ = [
     "EvalResult",
+    "check_task_options",
     "decode_and_score",
     "encode_prompts",
     "evaluate",
     "get_task",
     "row_commits",
     "summarize",
+    "task_uses_chat",
 ]
 
 
@@ -36,10 +41,38 @@ def get_task(name: str, **kwargs: Any) -> Task:
         name: the task's registered name, optionally versioned (``gsm8k.v1``).
         **kwargs: the task's constructor arguments (``shots``, ``data_path``, …).
     """
-    from dlm_decode.registry import get_registry
-
     cls = get_registry().resolve("task", name)
+    check_task_options(cls, kwargs)
     return cls(**kwargs)
+
+
+#: Task constructor options → the CLI flag that sets them (for messages).
+_TASK_FLAGS = {"shots": "--shots", "data_path": "--data"}
+
+
+def check_task_options(cls: type, options: dict[str, Any]) -> None:
+    """Refuse options a task's constructor does not take, before anything is loaded.
+
+    Args:
+        cls: the task class.
+        options: the keyword arguments meant for it.
+
+    Raises:
+        ValueError: names the option (and its CLI flag) and the options the task takes.
+    """
+    init = cls.__init__
+    params = {} if init is object.__init__ else inspect.signature(init).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL]
+    for key in options:
+        if key not in takes:
+            flag = _TASK_FLAGS.get(key)
+            shown = f"{key} ({flag})" if flag else key
+            raise ValueError(
+                f"task {cls.name!r} does not take {shown}; its options: "
+                f"{', '.join(takes) or 'none'}"
+            )
 
 
 def encode_prompts(model: Model, texts: Sequence[str], chat: bool | None = None) -> list[list[int]]:
@@ -97,12 +130,14 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> di
     """Aggregate per-sample rows (also used when resuming from saved rows).
 
     Args:
-        rows: rows as produced by :func:`evaluate`.
+        rows: rows as produced by [`evaluate`][dlm_decode.evaluate.evaluate].
         wall_s: decode wall time; default the sum of the rows' latencies.
 
     Returns:
         ``accuracy``, ``n``, ``tokens_per_s``, ``nfe_total``, ``nfe_per_sample``,
-        ``tokens_per_nfe``, ``wall_s``, ``accuracy_<x>`` for every boolean ``correct_<x>`` field
+        ``tokens_per_nfe``, ``token_forwards_total`` and ``token_forwards_per_sample`` (the
+        token positions the forwards computed: the cost beside NFE), ``wall_s``, ``accuracy_<x>``
+        for every boolean ``correct_<x>`` field
         (GSM8K's ``correct_strict``), and ``accuracy_<family>`` per ``family`` if present.
     """
     n = len(rows)
@@ -111,6 +146,7 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> di
     wall = wall_s if wall_s is not None else sum(r["latency_s"] for r in rows)
     toks = sum(r["response_tokens"] for r in rows)
     nfe = sum(r["nfe"] for r in rows)
+    tf = sum(r.get("token_forwards", 0) for r in rows)  # rows written before it: 0
     out: dict[str, Any] = {
         "n": n,
         "accuracy": sum(bool(r["correct"]) for r in rows) / n,
@@ -118,6 +154,8 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> di
         "nfe_total": nfe,
         "nfe_per_sample": nfe / n,
         "tokens_per_nfe": toks / nfe if nfe else float("nan"),
+        "token_forwards_total": tf,
+        "token_forwards_per_sample": tf / n,
         "response_tokens": toks,
         "wall_s": wall,
     }
@@ -165,17 +203,20 @@ def evaluate(
         on_row: called with each finished row (e.g. to append it to a JSONL file at once).
 
     Returns:
-        An :class:`EvalResult`.
+        An [`EvalResult`][dlm_decode.evaluate.EvalResult].
     """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    todo = list(samples) if samples is not None else task.samples(limit)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if samples is not None:
+        todo = list(samples)
+        check_unique_ids(todo, task.name)
+    else:
+        todo = load_samples(task, limit)
     decoder = Decoder(model, config)
     rows: list[dict[str, Any]] = []
     wall = 0.0
-    bar = tqdm(total=len(todo), desc=f"{task.name} {config.policy}", disable=not progress)
+    desc = f"{task.name} {decoder.settings.policy_ref.label}"
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress)
     for batch in _batches(todo, batch_size):
         batch_rows, dt = decode_and_score(decoder, task, batch)
         wall += dt
@@ -222,11 +263,13 @@ def decode_and_score(
 
     Returns:
         One row per sample (``id``, ``prompt``, ``completion``, ``response_tokens``, ``nfe``,
-        ``latency_s``, ``commits``, ``block_steps`` and the task's score fields; a score field
+        ``latency_s``, ``commits``, ``block_steps``, ``token_forwards``, ``edits``, ``remasks``
+        and the task's
+        score fields; a score field
         never overrides these) and the batch's decode wall time in seconds.
     """
     model = decoder.model
-    prompts = encode_prompts(model, [s.prompt for s in samples], chat=_task_chat(task, model))
+    prompts = encode_prompts(model, [s.prompt for s in samples], chat=task_uses_chat(task, model))
     t0 = time.perf_counter()
     res = decoder.generate(prompts)
     dt = time.perf_counter() - t0
@@ -246,6 +289,9 @@ def decode_and_score(
             "latency_s": dt / len(samples),
             "commits": commits,
             "block_steps": block_steps,
+            "token_forwards": int(res.token_forwards_per_row[j]),
+            "edits": int(res.edit_counts[:, j].sum()),
+            "remasks": int(res.remask_counts[:, j].sum()),
         }
         row.update({k: v for k, v in scores[j].items() if k not in row})
         row["correct"] = bool(scores[j].get("correct", False))
@@ -264,6 +310,8 @@ def _score(task: Task, batch: Sequence[Sample], texts: Sequence[str]) -> list[di
     return scores
 
 
-def _task_chat(task: Task, model: Model) -> bool:
+def task_uses_chat(task: Task, model: Model) -> bool:
+    """Whether ``task``'s prompts go through ``model``'s chat template (the task asks for
+    chat and the tokenizer has a template)."""
     tok = model.tokenizer
     return bool(task.chat and tok is not None and getattr(tok, "chat_template", None))

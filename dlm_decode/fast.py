@@ -4,14 +4,17 @@ Two paths decode the same way and must commit the same tokens:
 
 * the **reference path** is [`Decoder`][dlm_decode.decoder.Decoder]: every step calls the
   cache eagerly, allocates its tensors afresh and builds a new KV buffer per ``generate``;
-* the **fast path** is :class:`FastDecoder`: one :class:`StaticState` per decode shape
+* the **fast path** is [`FastDecoder`][dlm_decode.fast.FastDecoder]: one
+  [`StaticState`][dlm_decode.fast.StaticState] per decode shape
   ``(B, T, padded)`` holds the sequence ``x``, positions, key mask, KV buffer and one
   ``(B, L, V)`` logits buffer, all at fixed addresses and reused across ``generate`` calls.
   Each step is two *stages* over those buffers:
 
   1. ``forward`` — the cache's refresh or step, its logits copied into the logits buffer;
-  2. ``select`` — ``propose`` (argmax, float32 max/logsumexp confidence), the policy,
-     the commit into ``x``, the per-row NFE count and the three contract/termination flags.
+  2. ``select`` — the proposals and the signals the policy declared (argmax, float32
+     max/logsumexp confidence, entropy, top-k, …), the policy, its commits, edits and
+     remasks into ``x``, the block history, the per-row NFE count and the step's
+     contract/termination flags.
 
   On CUDA each stage, keyed by ``(stage, block_start, block_end)``, runs eagerly the first
   time it is met (on the capture stream: the warm-up), is captured into a CUDA graph the
@@ -22,13 +25,17 @@ Two paths decode the same way and must commit the same tokens:
 
 What is captured, and when it falls back to eager:
 
-* ``forward``: the built-in caches ``none``, ``prefix`` and ``dual`` (exact classes), whose
-  spans depend only on the block; a plugin cache runs eagerly (it may keep Python state)
-  and its ``setup`` is called on every ``generate``.
-* ``select``: greedy decoding (``temperature == 0``) with a state-free built-in policy
-  (``threshold``, ``factor``, ``frechet``, ``frechet_robust``) and ``early_stop`` off.
-  ``fixed`` reads the step index, sampling needs a generator, and early stop uses
-  ``isin``; those run the same function eagerly.
+* ``forward``: a cache whose class declares
+  [`capturable`][dlm_decode.interfaces.Cache.capturable] (its spans depend only on the
+  block, it keeps no Python state between steps, and its buffers can be allocated once
+  per shape): the built-ins ``none``, ``prefix`` and ``dual`` declare it. Any other cache
+  runs eagerly and its ``setup`` is called on every ``generate``.
+* ``select``: greedy decoding (``temperature == 0``) with ``early_stop`` off and a policy
+  whose class declares [`capturable`][dlm_decode.interfaces.CommitPolicy.capturable]
+  (tensor-only, no Python step state): the built-ins ``threshold``, ``factor``,
+  ``frechet`` and ``frechet_robust`` declare it; ``fixed`` does not (it reads the step
+  index). Sampling needs a generator and early stop uses ``isin``; those run the same
+  function eagerly.
 
 The refresh (first step of each block) is captured too: its shape is fixed per block, so a
 benchmark that repeats a decode replays it. Graph memory: one pool; a stage's temporaries
@@ -48,11 +55,12 @@ from dlm_decode.decoder import Decoder, DecodeRun, SelectOut
 from dlm_decode.interfaces import (
     Cache,
     CacheContext,
-    CommitPolicy,
+    ForwardCounter,
     Model,
     StepState,
     positions_from_mask,
 )
+from dlm_decode.signals import History
 
 __all__ = ["FastDecoder", "StaticState", "graphs_available"]
 
@@ -64,16 +72,14 @@ def graphs_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
-def _graph_safe_cache(cache: Cache) -> bool:
-    from caches import DualCache, NoCache, PrefixCache
+def _capturable(plugin: Any) -> bool:
+    """What the plugin's class declares (``capturable``); never a list of known classes."""
+    return bool(getattr(type(plugin), "capturable", False))
 
-    return type(cache) in (NoCache, PrefixCache, DualCache)
 
-
-def _graph_safe_policy(policy: CommitPolicy) -> bool:
-    from policies.rules import FactorPolicy, FrechetPolicy, FrechetRobustPolicy, ThresholdPolicy
-
-    return type(policy) in (ThresholdPolicy, FactorPolicy, FrechetPolicy, FrechetRobustPolicy)
+def _step_is_refresh(cache: Cache) -> bool:
+    """A cache whose step is its refresh (``none``) shares one captured forward for both."""
+    return type(cache).step is type(cache).refresh
 
 
 @dataclass
@@ -97,6 +103,13 @@ class StaticState:
         ctx: the cache context over ``x``'s position ids, key mask and KV buffer.
         static_cache: the KV buffer is allocated once here (built-in caches) rather than
             by ``Cache.setup`` on every decode.
+        history: the block history (reset in place at every block start).
+        policy_state: the policy's tensors, allocated once per shape.
+        x_before: ``(B, T)`` the sequence before a forward (the read-only check).
+        x_written: ``()`` bool, the cache wrote the sequence.
+        own_row: ``(B,)`` long, each row's own positions computed (token-forwards per row).
+        positions: token positions per row each captured forward stage computes (a
+            replayed graph runs no Python, so the count measured at capture is reused).
         graphs: captured stages.
         seen: stages run once eagerly (warm-up), to be captured on their next call.
     """
@@ -110,7 +123,13 @@ class StaticState:
     eos: torch.Tensor
     ctx: CacheContext
     static_cache: bool
+    history: History
+    policy_state: dict[str, torch.Tensor]
+    x_before: torch.Tensor
+    x_written: torch.Tensor
+    own_row: torch.Tensor
     graphs: dict[StageKey, _Captured] = field(default_factory=dict)
+    positions: dict[StageKey, int] = field(default_factory=dict)
     seen: set[StageKey] = field(default_factory=set)
 
     @classmethod
@@ -122,13 +141,20 @@ class StaticState:
         total_length: int,
         block_length: int,
         padded: bool,
+        policy_state: dict[str, torch.Tensor],
     ) -> StaticState:
-        """Allocate every buffer of a ``(B, T)`` decode on the model's device."""
+        """Allocate every buffer of a ``(B, T)`` decode on the model's device (the policy's
+        tensors come allocated)."""
         dev, b, t = model.device, batch_size, total_length
         am = torch.ones((b, t), dtype=torch.bool, device=dev) if padded else None  # (B, T)
         pos = torch.arange(t, device=dev).repeat(b, 1)  # (B, T)
-        ctx = CacheContext(model=model, attention_mask=am, position_ids=pos)
-        static = _graph_safe_cache(cache)
+        ctx = CacheContext(
+            model=ForwardCounter(model, am, t, b),
+            attention_mask=am,
+            position_ids=pos,
+            refresh_flag=torch.zeros((), dtype=torch.bool, device=dev),
+        )
+        static = _capturable(cache)
         if static:
             cache.setup(ctx, b, t)  # allocates the KV buffer once (none: nothing)
         return cls(
@@ -141,6 +167,11 @@ class StaticState:
             eos=torch.tensor(model.eos_token_ids or (-1,), device=dev),
             ctx=ctx,
             static_cache=static,
+            history=History.empty(b, block_length, dev),
+            policy_state=policy_state,
+            x_before=torch.empty((b, t), dtype=torch.long, device=dev),
+            x_written=torch.zeros((), dtype=torch.bool, device=dev),
+            own_row=torch.zeros(b, dtype=torch.long, device=dev),
         )
 
     def load(self, ids: torch.Tensor, am: torch.Tensor | None, mask_id: int) -> None:
@@ -152,9 +183,12 @@ class StaticState:
             mask_id: the mask token id that fills the generation.
         """
         p = ids.shape[1]
+        self.ctx.extra.clear()  # ``extra`` lives for one decode
         self.x.fill_(mask_id)
         self.x[:, :p].copy_(ids)
         self.nfe_row.zero_()
+        self.own_row.zero_()
+        self.ctx.model.own_positions.zero_()
         if self.ctx.attention_mask is not None:
             full = self.ctx.attention_mask  # (B, T)
             full.fill_(True)
@@ -175,12 +209,11 @@ class FastDecoder(Decoder):
 
     Args:
         model: the model.
-        config: the decode config (or keyword fields of one).
-        policy: a ready policy object overriding ``config.policy``.
-        cache: a ready cache object overriding ``config.cache``.
+        config: the decode config.
         graphs: use CUDA graphs; ``None`` (default) uses them when the model is on a CUDA
             device. ``True`` on a CPU model raises ``ValueError``.
-        **fields: decode-config fields.
+        **settings: ``policy``, ``policy_args``, ``cache``, ``cache_args`` and config fields,
+            as in [`Decoder`][dlm_decode.decoder.Decoder].
 
     Attributes:
         stats: counters of the last ``generate``: ``captures``, ``replays``, ``eager``
@@ -192,12 +225,10 @@ class FastDecoder(Decoder):
         model: Model,
         config: DecodeConfig | None = None,
         *,
-        policy: CommitPolicy | None = None,
-        cache: Cache | None = None,
         graphs: bool | None = None,
-        **fields: Any,
+        **settings: Any,
     ) -> None:
-        super().__init__(model, config, policy=policy, cache=cache, **fields)
+        super().__init__(model, config, **settings)
         avail = graphs_available(model.device)
         if graphs and not avail:
             raise ValueError(
@@ -226,7 +257,13 @@ class FastDecoder(Decoder):
             return st
         self.release()  # one shape at a time: free the old buffers and graphs first
         st = StaticState.allocate(
-            self.model, self.cache, bsz, total, self.config.block_length, padded
+            self.model,
+            self.cache,
+            bsz,
+            total,
+            self.config.block_length,
+            padded,
+            self._policy_state(bsz, self.model.device),
         )
         self._state = st
         if self.graphs:
@@ -279,30 +316,45 @@ class FastDecoder(Decoder):
         self.stats = {"captures": 0, "replays": 0, "eager": 0}
         cfg = self.config
         self._sel_graph = (
-            cfg.temperature == 0 and not cfg.early_stop and _graph_safe_policy(self.policy)
+            cfg.temperature == 0
+            and not cfg.early_stop
+            and "uniform" not in self.signal_spec
+            and _capturable(self.policy)
         )
         return DecodeRun(
-            x=st.x, ctx=st.ctx, prompt_length=p, nfe_row=st.nfe_row, eos=st.eos, logits=st.logits
+            x=st.x,
+            ctx=st.ctx,
+            prompt_length=p,
+            nfe_row=st.nfe_row,
+            eos=st.eos,
+            history=st.history,
+            policy_state=st.policy_state,
+            logits=st.logits,
+            x_before=st.x_before,
+            x_written=st.x_written,
+            own_row=st.own_row,
         )
 
-    def _forward(self, run: DecodeRun, refresh: bool, bs: int, be: int) -> None:
-        st, cache, logits = self._state, self.cache, run.logits
-        from caches import NoCache
-
-        if refresh or type(cache) is NoCache:  # for `none`, refresh and step are one forward
-            fn = lambda: logits.copy_(cache.refresh(run.ctx, run.x, bs, be))
-            self._run(st, ("refresh", bs, be), fn, st.static_cache)
-        else:
-            fn = lambda: logits.copy_(cache.step(run.ctx, run.x, bs, be))
-            self._run(st, ("step", bs, be), fn, st.static_cache)
+    def _forward(self, run: DecodeRun, refresh: bool, bs: int, be: int) -> int:
+        st, logits = self._state, run.logits
+        refresh = refresh or _step_is_refresh(self.cache)  # one forward (one graph) for both
+        key = ("refresh" if refresh else "step", bs, be)
+        fn = lambda: logits.copy_(self._cache_call(run, refresh, bs, be))
+        self._run(st, key, fn, st.static_cache)
+        counted = run.ctx.model.reset()[1]
+        if counted or key not in st.positions:  # a replay runs no Python: reuse the count
+            st.positions[key] = counted
+        return st.positions[key]
 
     def _select(self, run: DecodeRun, bs: int, be: int, state: StepState) -> SelectOut:
         sel = super()._select
         out: SelectOut = self._run(
             self._state, ("select", bs, be), lambda: sel(run, bs, be, state), self._sel_graph
         )
-        if self._sel_graph and self.graphs:  # the graph's output buffer is rewritten next step
-            out = out._replace(count=out.count.clone())
+        if self._sel_graph and self.graphs:  # the graph's output buffers are rewritten next step
+            out = out._replace(
+                count=out.count.clone(), edits=out.edits.clone(), remasks=out.remasks.clone()
+            )
         return out
 
     def _finish(self, run: DecodeRun) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,6 +1,7 @@
 """Pure tensor functions shared by the commit rules, tests, plots and plugins.
 
-Notation (DESIGN.md): sort a row's masked confidences so that ``c(1) ≥ c(2) ≥ …``; ``n``
+Notation (the [Commit rules](../concepts/rules.md) page): sort a row's masked confidences so that
+``c(1) ≥ c(2) ≥ …``; ``n``
 is a prefix size, ``n = 1 … m``.
 
 * ``L_n = max(0, Σ_{j≤n} c(j) − (n − 1))`` — Fréchet lower bound on the joint correctness
@@ -24,10 +25,12 @@ import torch
 
 __all__ = [
     "FrechetScores",
+    "commit_best_if_none",
     "commit_top_n",
     "count_true_prefix",
     "frechet_gap",
     "frechet_scores",
+    "masked_ranks",
     "sorted_profile",
 ]
 
@@ -57,7 +60,8 @@ def frechet_scores(sorted_conf: torch.Tensor) -> FrechetScores:
         sorted_conf: ``(..., L)`` confidences sorted descending along the last axis.
 
     Returns:
-        A :class:`FrechetScores` of ``(..., L)`` tensors in the input's dtype.
+        A [`FrechetScores`][dlm_decode.frechet.FrechetScores] of ``(..., L)`` tensors in the input's
+        dtype.
 
     Examples:
         >>> import torch
@@ -77,7 +81,8 @@ def frechet_scores(sorted_conf: torch.Tensor) -> FrechetScores:
 
 
 def frechet_gap(sorted_conf: torch.Tensor) -> torch.Tensor:
-    """Only ``G_n`` of :func:`frechet_scores` (what the ``frechet`` rule needs per step).
+    """Only ``G_n`` of [`frechet_scores`][dlm_decode.frechet.frechet_scores] (what the ``frechet``
+    rule needs per step).
 
     Args:
         sorted_conf: ``(..., L)`` confidences sorted descending along the last axis.
@@ -138,7 +143,7 @@ def commit_top_n(n: torch.Tensor, masked: torch.Tensor, order: torch.Tensor) -> 
     Args:
         n: ``(B,)`` counts.
         masked: ``(B, L)`` bool masked positions.
-        order: ``(B, L)`` long, from :func:`sorted_profile`.
+        order: ``(B, L)`` long, from [`sorted_profile`][dlm_decode.frechet.sorted_profile].
 
     Returns:
         ``(B, L)`` bool commit mask.
@@ -150,3 +155,45 @@ def commit_top_n(n: torch.Tensor, masked: torch.Tensor, order: torch.Tensor) -> 
     commit = torch.zeros_like(masked)
     commit.scatter_(-1, order, take_sorted)
     return commit & masked
+
+
+def masked_ranks(
+    score: torch.Tensor, masked: torch.Tensor, descending: bool = True
+) -> torch.Tensor:
+    """Each masked position's rank by ``score`` within its row (0 = best); unmasked
+    positions rank after every masked one. Ties keep column order.
+
+    Args:
+        score: ``(B, L)`` float, any range.
+        masked: ``(B, L)`` bool, the positions that take part.
+        descending: rank the highest score first (else the lowest).
+
+    Returns:
+        ``(B, L)`` long ranks.
+    """
+    fill = float("-inf") if descending else float("inf")
+    keyed = torch.where(masked, score.float(), torch.full_like(score, fill, dtype=torch.float32))
+    order = torch.sort(keyed, dim=-1, descending=descending, stable=True).indices  # (B, L)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return ranks
+
+
+def commit_best_if_none(
+    commit: torch.Tensor, score: torch.Tensor, masked: torch.Tensor
+) -> torch.Tensor:
+    """``commit & masked``, plus the best-scoring masked position in every row that has a
+    masked position but commits none (the "at least one" rule of the threshold family).
+
+    Args:
+        commit: ``(B, L)`` bool candidate commits.
+        score: ``(B, L)`` float, higher is better.
+        masked: ``(B, L)`` bool.
+
+    Returns:
+        ``(B, L)`` bool.
+    """
+    commit = commit & masked
+    best = masked_ranks(score, masked) == 0  # (B, L), one per row
+    empty = ~commit.any(-1, keepdim=True) & masked.any(-1, keepdim=True)  # (B, 1)
+    return commit | (best & empty & masked)

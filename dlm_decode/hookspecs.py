@@ -36,11 +36,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def register_commit_policies(register: Callable[[type], None]) -> None:
     """Register commit policies.
 
-    :param register: call ``register(PolicyClass)`` for each
-        [`CommitPolicy`][dlm_decode.interfaces.CommitPolicy] subclass. The class sets
-        ``name``, ``version`` and a pydantic ``Params`` model with ``extra="forbid"``.
-
     Results are not combined: implementations return ``None``; all of them run.
+
+    Args:
+        register: call ``register(PolicyClass)`` for each
+            [`CommitPolicy`][dlm_decode.interfaces.CommitPolicy] subclass. The class sets
+            ``name``, ``version`` and a pydantic ``Params`` model with ``extra="forbid"``.
     """
 
 
@@ -48,10 +49,11 @@ def register_commit_policies(register: Callable[[type], None]) -> None:
 def register_caches(register: Callable[[type], None]) -> None:
     """Register KV-cache strategies.
 
-    :param register: call ``register(CacheClass)`` for each
-        [`Cache`][dlm_decode.interfaces.Cache] subclass (``name``, ``version``, ``Params``).
-
     All implementations run; they return ``None``.
+
+    Args:
+        register: call ``register(CacheClass)`` for each
+            [`Cache`][dlm_decode.interfaces.Cache] subclass (``name``, ``version``, ``Params``).
     """
 
 
@@ -59,11 +61,12 @@ def register_caches(register: Callable[[type], None]) -> None:
 def register_models(register: Callable[[type], None]) -> None:
     """Register model architectures.
 
-    :param register: call ``register(ModelClass)`` for each
-        [`Model`][dlm_decode.interfaces.Model] subclass. Its ``config_model_types`` lists
-        the ``config.json`` ``model_type`` values it loads.
-
     All implementations run; they return ``None``.
+
+    Args:
+        register: call ``register(ModelClass)`` for each
+            [`Model`][dlm_decode.interfaces.Model] subclass. Its ``config_model_types`` lists
+            the ``config.json`` ``model_type`` values it loads.
     """
 
 
@@ -74,8 +77,9 @@ def register_models(register: Callable[[type], None]) -> None:
 def register_tasks(register: Callable[[type], None]) -> None:
     """Register evaluation tasks.
 
-    :param register: call ``register(TaskClass)`` for each
-        [`Task`][dlm_decode.tasks.base.Task] subclass (``name``, ``version``).
-
     All implementations run; they return ``None``.
+
+    Args:
+        register: call ``register(TaskClass)`` for each
+            [`Task`][dlm_decode.tasks.base.Task] subclass (``name``, ``version``).
     """

@@ -1,4 +1,5 @@
-"""The three plugin interfaces: :class:`Model`, :class:`Cache` and :class:`CommitPolicy`.
+"""The three plugin interfaces: [`Model`][dlm_decode.interfaces.Model],
+[`Cache`][dlm_decode.interfaces.Cache] and [`CommitPolicy`][dlm_decode.interfaces.CommitPolicy].
 
 Everything the Decoder composes is one of these. Plugins subclass them and register the
 subclass through a hook in [`dlm_decode.hookspecs`][dlm_decode.hookspecs].
@@ -15,20 +16,27 @@ Shapes used throughout (written once here, as transformers does for its logits p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from dlm_decode.frechet import commit_top_n, sorted_profile
+from dlm_decode.signals import Decision, StepSignals
+
 __all__ = [
     "Cache",
     "CacheContext",
+    "CacheStep",
     "CommitPolicy",
     "CountPolicy",
+    "ForwardCounter",
     "KVBuffer",
     "Model",
     "NoParams",
+    "ProfileCriterion",
     "StepState",
 ]
 
@@ -48,6 +56,8 @@ class NoParams(BaseModel):
 class StepState:
     """What a policy may know about the step besides the confidences.
 
+    The first five fields are contract v1 (positional, unchanged); the rest are v2.
+
     Attributes:
         step: index of this denoising step within the active block (0 at block start).
         block_index: index of the active block.
@@ -56,6 +66,13 @@ class StepState:
             or ``None`` when the config sets no step budget.
         block_masked_at_start: ``(B,)`` long tensor, masked positions in each row's block
             when the block started (LLaDA's schedule divides this count over the steps).
+        signals: the step's [`StepSignals`][dlm_decode.signals.StepSignals] (contract v2):
+            the proposals, their confidence and every signal the policy declared in
+            ``needs``; ``None`` when a v1 caller builds the state by hand.
+        policy_state: the tensors the policy's
+            [`make_state`][dlm_decode.interfaces.CommitPolicy.make_state] allocated (updated
+            in place by the policy), or ``None``.
+        block_start: absolute position of the block's first position.
     """
 
     step: int
@@ -63,28 +80,67 @@ class StepState:
     num_blocks: int
     steps_per_block: int | None
     block_masked_at_start: torch.Tensor
+    signals: StepSignals | None = None
+    policy_state: dict[str, torch.Tensor] | None = None
+    block_start: int = 0
 
 
 class CommitPolicy(ABC):
-    """Chooses which masked positions of the active block to commit this step.
+    """Chooses which masked positions of the active block to commit this step (and, in
+    contract v2, which committed ones to edit or remask).
 
-    Contract (checked for every registered policy by ``tests/test_policy_contract.py``):
+    Contract (checked for every registered policy by
+    [`check_policy`][dlm_decode.testing.check_policy]):
 
     * tensors in, a bool tensor out, on the same device; no Python loop over rows and no
-      host sync (``.item()``, ``.tolist()``) inside :meth:`select`;
+      host sync (``.item()``, ``.tolist()``) inside
+      [`select`][dlm_decode.interfaces.CommitPolicy.select];
     * commits only positions where ``masked`` is true;
     * commits at least one position in every row that still has a masked position, and
       none in a row that has none.
 
-    Subclasses set :attr:`name`, :attr:`version` and :attr:`Params` (a pydantic model with
-    ``extra="forbid"``), and implement :meth:`select`.
+    Subclasses set ``name``, ``version`` and ``Params`` (a pydantic model with
+    ``extra="forbid"``), and implement [`select`][dlm_decode.interfaces.CommitPolicy.select].
+
+    Contract v2 adds, all optional and backward compatible:
+
+    * [`needs`][dlm_decode.interfaces.CommitPolicy.needs]: the signals the policy reads
+      from ``state.signals`` (entropy, top-2, top-k, logits, history, …);
+    * [`make_state`][dlm_decode.interfaces.CommitPolicy.make_state] /
+      [`reset_state`][dlm_decode.interfaces.CommitPolicy.reset_state]: tensors the policy
+      owns and updates in place every step (a running credit, the previous distribution);
+    * a [`Decision`][dlm_decode.signals.Decision] as the return value, with ``edit`` and
+      ``remask`` sets when the class declares
+      [`revokes`][dlm_decode.interfaces.CommitPolicy.revokes];
+    * [`refine_steps`][dlm_decode.interfaces.CommitPolicy.refine_steps] and
+      [`step_budget`][dlm_decode.interfaces.CommitPolicy.step_budget]: how long a block may
+      run.
     """
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
     Params: ClassVar[type[BaseModel]] = NoParams
-    #: Decode-config fields the policy needs (``fixed`` needs ``steps``).
     requires: ClassVar[tuple[str, ...]] = ()
+    """Decode-config fields the policy needs (``fixed`` needs ``steps``)."""
+    capturable: ClassVar[bool] = False
+    """Capability: ``select`` may be captured in a CUDA graph and replayed. Declare it only
+    when ``select`` reads nothing but its tensor inputs, its tensor state and fixed params
+    (no Python step state such as ``state.step``, no allocation that depends on values);
+    the fast path then captures the whole select stage, signals included. Subclasses
+    inherit it: a subclass that adds Python state sets it back to ``False``."""
+    needs: ClassVar[tuple[str, ...]] = ()
+    """Signals ``select`` reads from ``state.signals`` besides ``x0`` and ``confidence``:
+    ``current``, ``entropy``, ``top2``, ``topk:K``, ``logits``, ``uniform``, ``history``
+    (see [`dlm_decode.signals`][dlm_decode.signals]). Only these are computed. A policy
+    whose needs depend on its params overrides this with a property."""
+    revokes: ClassVar[bool] = False
+    """Capability: ``select`` may return a [`Decision`][dlm_decode.signals.Decision] with
+    ``edit`` or ``remask`` sets (positions committed earlier in the block). The default step
+    budget is then larger, and a row may make progress by revoking instead of committing."""
+    refine_steps: int = 0
+    """Steps a block may keep running after its last mask is filled, while the policy keeps
+    editing (LLaDA 2.1's post-steps): after the block fills, each further step runs only if
+    the step before changed something, at most this many. 0: the block ends when it fills."""
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -94,20 +150,72 @@ class CommitPolicy(ABC):
         """Versioned registry name, e.g. ``"frechet.v1"``."""
         return f"{self.name}.v{self.version}"
 
+    def make_state(
+        self, batch_size: int, block_length: int, vocab_size: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Allocate the tensors this policy keeps across steps (once per decode shape).
+
+        The Decoder hands them back in ``state.policy_state`` every step; ``select`` updates
+        them in place (so a captured graph keeps working). Only tensors: no Python state.
+
+        Args:
+            batch_size: ``B``.
+            block_length: ``L``.
+            vocab_size: ``V``.
+            device: where the decode runs.
+
+        Returns:
+            Name → tensor; the default is none.
+        """
+        return {}
+
+    def reset_state(self, state: dict[str, torch.Tensor], masked: torch.Tensor) -> None:
+        """Reset the policy's tensors at the start of each block (default: zero them).
+
+        Args:
+            state: what [`make_state`][dlm_decode.interfaces.CommitPolicy.make_state]
+                returned.
+            masked: ``(B, L)`` bool, the new block's masked positions.
+        """
+        for t in state.values():
+            t.zero_()
+
+    def step_budget(self, block_length: int) -> int:
+        """The default ``max_steps_per_block``: ``block_length`` (every step commits at least
+        one position), or ``4 × block_length`` for a policy that
+        [`revokes`][dlm_decode.interfaces.CommitPolicy.revokes]; plus ``refine_steps``."""
+        base = 4 * block_length if self.revokes else block_length
+        return base + self.refine_steps
+
+    @classmethod
+    def params_for_margin(cls, margin: float) -> dict[str, Any] | None:
+        """The parameters at which this rule demands a margin ``δ`` (for matched sweeps).
+
+        Fast-dLLM++ compares rules at matched strictness: ``frechet`` with margin ``δ``
+        beside ``factor`` with ``f = 1 − δ``. A policy that has such a parameter says how
+        to set it; the default ``None`` means the policy cannot be matched.
+
+        Args:
+            margin: ``δ`` in ``[0, 1)``.
+        """
+        return None
+
     @abstractmethod
     def select(
         self, confidence: torch.Tensor, masked: torch.Tensor, state: StepState
-    ) -> torch.Tensor:
-        """Choose the positions to commit.
+    ) -> torch.Tensor | Decision:
+        """Choose the positions to commit (and, for a revoking policy, to edit or remask).
 
         Args:
             confidence: ``(B, L)`` float32 or float64, probability of each proposed token;
-                values at unmasked positions are meaningless and must be ignored.
-            masked: ``(B, L)`` bool, true where the position is still masked.
-            state: step information (see :class:`StepState`).
+                a v1 policy ignores the values at unmasked positions.
+            masked: ``(B, L)`` bool, true where the position is still masked (read only).
+            state: step information (see [`StepState`][dlm_decode.interfaces.StepState]),
+                with ``state.signals`` in contract v2.
 
         Returns:
-            ``(B, L)`` bool commit mask on the same device.
+            ``(B, L)`` bool commit mask on the same device, or a
+            [`Decision`][dlm_decode.signals.Decision].
         """
 
     def __repr__(self) -> str:
@@ -115,12 +223,45 @@ class CommitPolicy(ABC):
         return f"{type(self).__name__}[{self.key}]({args})"
 
 
+class ProfileCriterion(NamedTuple):
+    """What a count rule compares along the sorted confidence profile, for plots, traces
+    and the trace viewer: the rule commits the prefix sizes ``n`` whose value passes the
+    bound.
+
+    Attributes:
+        name: what ``values`` is, e.g. ``"G_n (Fréchet score)"``.
+        values: ``(..., L)`` one value per prefix size (index ``n - 1``).
+        bound: the parameter it is compared with.
+        bound_name: the parameter's symbol, e.g. ``"δ"``.
+        passes: ``"above"`` (``value > bound``), ``"at_least"`` (``≥``) or ``"below"``
+            (``<``).
+    """
+
+    name: str
+    values: torch.Tensor
+    bound: float
+    bound_name: str
+    passes: str
+
+    def passing(self) -> torch.Tensor:
+        """``(..., L)`` bool, where the value passes the bound."""
+        if self.passes == "above":
+            return self.values > self.bound
+        if self.passes == "at_least":
+            return self.values >= self.bound
+        if self.passes == "below":
+            return self.values < self.bound
+        raise ValueError(f"passes must be 'above', 'at_least' or 'below', got {self.passes!r}")
+
+
 class CountPolicy(CommitPolicy):
     """A policy that commits the ``n`` most confident masked positions of each row.
 
-    Subclasses implement :meth:`commit_count` on the sorted confidence profile; this class
+    Subclasses implement [`commit_count`][dlm_decode.interfaces.CountPolicy.commit_count] on the
+    sorted confidence profile; this class
     sorts, clamps the count to ``[1, masked count]`` and builds the mask. The same
-    :meth:`commit_count` serves counterfactual traces ("how many would each rule commit?").
+    [`commit_count`][dlm_decode.interfaces.CountPolicy.commit_count] serves counterfactual traces
+    ("how many would each rule commit?").
     """
 
     @abstractmethod
@@ -143,18 +284,25 @@ class CountPolicy(CommitPolicy):
     def select(
         self, confidence: torch.Tensor, masked: torch.Tensor, state: StepState
     ) -> torch.Tensor:
-        from dlm_decode.frechet import commit_top_n, sorted_profile
-
         sorted_conf, valid, order = sorted_profile(confidence, masked)
         n = self.commit_count(sorted_conf, valid, state)
         return commit_top_n(n, masked, order)
 
+    def criterion(self, sorted_conf: torch.Tensor) -> ProfileCriterion | None:
+        """What the rule compares along a sorted profile (``None``: nothing to draw, e.g. a
+        fixed schedule). Used by plots and traces, never by
+        [`select`][dlm_decode.interfaces.CommitPolicy.select].
+
+        Args:
+            sorted_conf: ``(..., L)`` confidences sorted descending.
+        """
+        return None
+
     def counts(
         self, confidence: torch.Tensor, masked: torch.Tensor, state: StepState
     ) -> torch.Tensor:
-        """``(B,)`` number of positions :meth:`select` would commit, without the mask."""
-        from dlm_decode.frechet import sorted_profile
-
+        """``(B,)`` number of positions [`select`][dlm_decode.interfaces.CommitPolicy.select] would
+        commit, without the mask."""
         sorted_conf, valid, _ = sorted_profile(confidence, masked)
         m = valid.sum(-1)
         n = self.commit_count(sorted_conf, valid, state)
@@ -187,9 +335,11 @@ class KVBuffer:
 class Model(ABC):
     """A bidirectional mask predictor (LLaDA, Dream, the shipped tiny model, …).
 
-    Subclasses set :attr:`name` (the registry name) and :attr:`config_model_types`
+    Subclasses set ``name`` (the registry name) and ``config_model_types``
     (the ``model_type`` values of ``config.json`` they load), and implement
-    :meth:`from_pretrained`, :meth:`new_kv` and :meth:`forward`.
+    [`from_pretrained`][dlm_decode.interfaces.Model.from_pretrained],
+    [`new_kv`][dlm_decode.interfaces.Model.new_kv] and
+    [`forward`][dlm_decode.interfaces.Model.forward].
 
     Attributes:
         mask_token_id: id of the mask token.
@@ -205,6 +355,10 @@ class Model(ABC):
     name: ClassVar[str]
     version: ClassVar[int] = 1
     config_model_types: ClassVar[tuple[str, ...]] = ()
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Named ``config.json`` dicts this architecture offers to
+    [`build_model`][dlm_decode.models.loading.build_model] and ``bench --arch`` (random
+    weights), e.g. ``{"llada-8b": {...}}``; names are unique across model plugins."""
 
     mask_token_id: int
     eos_token_ids: tuple[int, ...]
@@ -237,7 +391,8 @@ class Model(ABC):
 
     @abstractmethod
     def new_kv(self, batch_size: int, max_length: int) -> KVBuffer:
-        """Allocate an empty :class:`KVBuffer` for ``batch_size`` rows of ``max_length``."""
+        """Allocate an empty [`KVBuffer`][dlm_decode.interfaces.KVBuffer] for ``batch_size`` rows of
+        ``max_length``."""
 
     @abstractmethod
     def forward(
@@ -245,28 +400,41 @@ class Model(ABC):
         ids: torch.Tensor,
         *,
         start: int = 0,
+        positions: torch.Tensor | None = None,
         kv: KVBuffer | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_rows: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
+        hidden_layers: Sequence[int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the transformer over a span and return logits for some of its rows.
 
         Args:
-            ids: ``(B, S)`` token ids at absolute positions ``[start, start + S)``.
-            start: absolute position of ``ids[:, 0]``.
+            ids: ``(B, S)`` token ids at absolute positions ``[start, start + S)``, or at
+                ``positions``.
+            start: absolute position of ``ids[:, 0]`` (the contiguous span: the fast,
+                common case).
+            positions: ``(B, S)`` long, any set of buffer slots per row instead of the
+                contiguous span (contract v2): the rows' keys and values are written at those
+                slots of ``kv`` and attention reads the whole buffer. A cache pads rows of
+                unequal size by pointing the padding at a scratch slot that the key mask hides.
             kv: when given, keys/values of the span are written to ``kv[..., start:start+S, :]``
                 and attention reads all ``T = kv.max_length`` cached positions; when ``None``,
                 the span attends to itself only (``start`` must then be 0 and ``S = T``).
             attention_mask: ``(B, T)`` bool key mask over all positions (false = padding),
                 or ``None`` for no padding.
-            position_ids: ``(B, S)`` RoPE positions of the span; default ``start + arange(S)``.
+            position_ids: ``(B, S)`` RoPE positions of the span; default ``start + arange(S)``
+                (or ``positions``).
             logits_rows: ``(lo, hi)`` rows of the span (relative to ``start``) whose output
                 goes through the final norm and LM head; default all rows. These are raw
                 output rows: for a shifted model row ``r`` predicts position ``start + r + 1``.
+            hidden_layers: block indices (negative from the end) whose outputs to return
+                for every row of the span (features on request; nothing extra when
+                ``None``).
 
         Returns:
-            ``(B, hi - lo, V)`` logits in the model's dtype.
+            ``(B, hi - lo, V)`` logits in the model's dtype; with ``hidden_layers``, the
+            pair ``(logits, hidden)`` with ``hidden[i]`` ``(B, S, d)``.
         """
 
     def logits(
@@ -311,15 +479,54 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class CacheStep:
+    """What a cache knows of the step it serves (contract v2), set by the Decoder before
+    each forward.
+
+    Attributes:
+        block_index: the active block.
+        step: the step within the block (0 at its start).
+        forward_index: forwards this decode ran before this one (0 at the first).
+        block_start: absolute position of the block's first position.
+        block_end: one past its last.
+        refresh_requested: the cache asked (through
+            [`request_refresh`][dlm_decode.interfaces.CacheContext.request_refresh]) during
+            the previous forward for a refresh now.
+        last_commit: ``(B, L)`` bool, what the policy committed at the previous step of this
+            block (``None`` at the block's first step).
+        last_edit: ``(B, L)`` bool, the previous step's edits, or ``None``.
+        last_remask: ``(B, L)`` bool, the previous step's remasks, or ``None``.
+    """
+
+    block_index: int
+    step: int
+    forward_index: int
+    block_start: int
+    block_end: int
+    refresh_requested: bool = False
+    last_commit: torch.Tensor | None = None
+    last_edit: torch.Tensor | None = None
+    last_remask: torch.Tensor | None = None
+
+
+@dataclass
 class CacheContext:
     """Per-decode state a cache works with; the Decoder builds one per ``generate`` call.
 
     Attributes:
-        model: the model.
+        model: the model, seen through a [`ForwardCounter`][dlm_decode.interfaces.ForwardCounter]
+            that counts the token positions each forward computes.
         attention_mask: ``(B, T)`` bool key mask, or ``None`` when no row is padded.
         position_ids: ``(B, T)`` long RoPE positions.
-        kv: the cache's preallocated buffer (allocated by :meth:`Cache.setup`), or ``None``.
-        extra: free-form state for cache plugins.
+        kv: the cache's preallocated buffer (allocated by
+            [`Cache.setup`][dlm_decode.interfaces.Cache.setup]), or ``None``.
+        extra: free-form state for cache plugins. It lives for one decode: the Decoder
+            empties it at the start of every ``generate`` (the fast path too, which keeps
+            the context itself across decodes).
+        step: the [`CacheStep`][dlm_decode.interfaces.CacheStep] being served (``None``
+            outside a decode).
+        refresh_flag: ``()`` bool on the device, set through
+            [`request_refresh`][dlm_decode.interfaces.CacheContext.request_refresh].
     """
 
     model: Model
@@ -327,6 +534,108 @@ class CacheContext:
     position_ids: torch.Tensor
     kv: KVBuffer | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    step: CacheStep | None = None
+    refresh_flag: torch.Tensor | None = None
+
+    def request_refresh(self, flag: torch.Tensor) -> None:
+        """Ask, on the device (no host sync), for a refresh at the next step: ``flag`` is a
+        ``()`` bool tensor. The Decoder reads it with the step's one host sync and sets
+        ``step.refresh_requested`` for the next forward, which is then a refresh unless the
+        cache's [`wants_refresh`][dlm_decode.interfaces.Cache.wants_refresh] handles it.
+        """
+        if self.refresh_flag is None:
+            raise RuntimeError("request_refresh is only available during a decode")
+        self.refresh_flag.logical_or_(flag.to(torch.bool))
+
+
+class ForwardCounter:
+    """A view of a model that counts the token positions its forwards compute.
+
+    Every attribute is the model's; ``forward`` adds ``B × S`` (rows times span, padding
+    included, since it is computed) to ``token_forwards`` and ``S`` to
+    ``positions_per_row``, and adds to ``own_positions`` each row's computed positions that
+    hold its own tokens (not left padding, not a scratch slot), then runs the model.
+    ``own_positions`` is what a row costs in its own right: the same whatever it is
+    batched with.
+
+    Args:
+        base: the model.
+        sequence_mask: ``(B, T)`` bool, true at the rows' real tokens (``None``: no row is
+            padded).
+        total_length: ``T``, the sequence length (slots at ``T`` and beyond are scratch).
+        batch_size: ``B``; with it, ``own_positions`` is allocated at once (a static buffer
+            the fast path's graphs update in place), else at the first forward.
+
+    Attributes:
+        base: the model.
+        token_forwards: token positions computed since the last
+            [`reset`][dlm_decode.interfaces.ForwardCounter.reset].
+        positions_per_row: positions each row computed since the last reset.
+        own_positions: ``(B,)`` long on the model's device, each row's own positions
+            computed since it was last zeroed (the Decoder zeroes it every step).
+    """
+
+    def __init__(
+        self,
+        base: Model,
+        sequence_mask: torch.Tensor | None = None,
+        total_length: int | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.base = base
+        self.token_forwards = 0
+        self.positions_per_row = 0
+        self.sequence_mask = sequence_mask
+        self.total_length = total_length
+        self.own_positions: torch.Tensor | None = None
+        if batch_size is not None:
+            self.own_positions = torch.zeros(batch_size, dtype=torch.long, device=base.device)
+
+    def reset(self) -> tuple[int, int]:
+        """Return ``(token_forwards, positions_per_row)`` and start counting again."""
+        out = (self.token_forwards, self.positions_per_row)
+        self.token_forwards = self.positions_per_row = 0
+        return out
+
+    def _count_own(self, ids: torch.Tensor, start: int, positions: torch.Tensor | None) -> None:
+        bsz, span = int(ids.shape[0]), int(ids.shape[1])
+        if self.own_positions is None:
+            self.own_positions = torch.zeros(bsz, dtype=torch.long, device=ids.device)
+        seq, total = self.sequence_mask, self.total_length
+        if positions is not None:  # (B, S) slots; scratch slots lie at T and beyond
+            t = total if total is not None else int(positions.max()) + 1
+            valid = positions < t  # (B, S)
+            if seq is not None:
+                valid = valid & seq.gather(-1, positions.clamp(max=t - 1))
+            self.own_positions.add_(valid.sum(-1))
+        elif seq is not None:
+            self.own_positions.add_(seq[:, start : start + span].sum(-1))
+        else:
+            self.own_positions.add_(span)
+
+    def forward(self, ids: torch.Tensor, **kwargs: Any) -> Any:
+        """Count, then run the model's forward."""
+        self.token_forwards += int(ids.shape[0]) * int(ids.shape[1])
+        self.positions_per_row += int(ids.shape[1])
+        self._count_own(ids, int(kwargs.get("start", 0) or 0), kwargs.get("positions"))
+        return self.base.forward(ids, **kwargs)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        """The model's plain full forward (counted)."""
+        self.token_forwards += int(input_ids.numel())
+        self.positions_per_row += int(input_ids.shape[1])
+        if self.own_positions is None:
+            self.own_positions = torch.zeros(
+                input_ids.shape[0], dtype=torch.long, device=input_ids.device
+            )
+        if attention_mask is not None:
+            self.own_positions.add_(attention_mask.to(torch.bool).sum(-1))
+        else:
+            self.own_positions.add_(int(input_ids.shape[1]))
+        return self.base.logits(input_ids, attention_mask)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
 
 
 class Cache(ABC):
@@ -334,12 +643,35 @@ class Cache(ABC):
 
     Both methods return logits for exactly the active block's positions
     ``[block_start, block_end)``, aligned (row ``j`` predicts position ``block_start + j``);
-    each call is one model forward (one NFE).
+    each call is one NFE, whatever it computes (``ctx.model`` counts the token positions it
+    does compute: the cost beside NFE).
+
+    Contract v2, all optional and backward compatible:
+
+    * the step is known: ``ctx.step`` is a [`CacheStep`][dlm_decode.interfaces.CacheStep]
+      (block, step index, what the policy decided at the previous step);
+    * a refresh may happen inside a block: the Decoder calls ``refresh`` at a block's first
+      step, when [`wants_refresh`][dlm_decode.interfaces.Cache.wants_refresh] says so (from
+      host-side information), and at the step after the cache asked for one on the device
+      ([`request_refresh`][dlm_decode.interfaces.CacheContext.request_refresh]);
+    * any set of positions and hidden features: see
+      [`Model.forward`][dlm_decode.interfaces.Model.forward] (``positions``,
+      ``hidden_layers``);
+    * the sequence ``x`` is read only: the Decoder checks every step and raises an error
+      naming the cache that wrote it.
+
+    ``extra`` in the context lives for one decode. Built-in caches may be subclassed.
     """
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
     Params: ClassVar[type[BaseModel]] = NoParams
+    capturable: ClassVar[bool] = False
+    """Capability: ``refresh`` and ``step`` may be captured in a CUDA graph. Declare it only
+    when the span a call computes depends on nothing but ``block_start`` and ``block_end``,
+    the cache keeps no Python state between calls, and the buffers that ``setup`` allocates
+    may be reused by every decode of the same shape (the fast path then calls ``setup``
+    once per shape). Subclasses inherit it."""
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -349,8 +681,24 @@ class Cache(ABC):
         """Versioned registry name, e.g. ``"dual.v1"``."""
         return f"{self.name}.v{self.version}"
 
+    refresh_on_request: ClassVar[bool] = True
+    """When the cache asks for a refresh on the device
+    ([`request_refresh`][dlm_decode.interfaces.CacheContext.request_refresh]), the Decoder's
+    next call is ``refresh``. A cache that acts on the request itself (per row, say) sets
+    this to ``False`` and reads ``ctx.step.refresh_requested`` in ``step``."""
+    exact: ClassVar[bool] = False
+    """Capability: every call returns the logits of a plain full forward of the current
+    sequence (``none``; ``dual`` with ``refresh_every=1``). Instances may override it with a
+    property; [`check_cache`][dlm_decode.testing.check_cache] then checks every step."""
+
     def setup(self, ctx: CacheContext, batch_size: int, total_length: int) -> None:  # noqa: B027
         """Allocate buffers once per decode (default: nothing)."""
+
+    def wants_refresh(self, ctx: CacheContext) -> bool:
+        """Whether this step should be a refresh although it is not the block's first
+        (host-side: read ``ctx.step``, never tensor values; default: never). Periodic
+        refreshes (``refresh_every``) are decided here."""
+        return False
 
     @abstractmethod
     def refresh(

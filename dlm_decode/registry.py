@@ -20,16 +20,19 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from dlm_decode import hookspecs
 from dlm_decode.interfaces import Cache, CommitPolicy, Model
+from dlm_decode.tasks.base import Task
 
 __all__ = [
     "BUILTIN_PLUGINS",
     "ENV_VAR",
     "Registry",
     "UnknownPluginError",
+    "check_plugin_class",
+    "entry_point_plugins",
     "get_registry",
     "reset_registry",
 ]
@@ -39,18 +42,18 @@ ENTRY_POINT_GROUP = "dlm_decode"
 
 #: Entry-point name → module of the plugins that ship with the distribution.
 BUILTIN_PLUGINS: dict[str, str] = {
-    "policies": "policies",
-    "caches": "caches",
-    "models": "dlm_decode.models",
-    "tasks": "dlm_decode.tasks",
+    "dlm_decode.policies": "dlm_decode.policies",
+    "dlm_decode.caches": "dlm_decode.caches",
+    "dlm_decode.models": "dlm_decode.models",
+    "dlm_decode.tasks": "dlm_decode.tasks",
 }
 
 _KINDS: dict[str, tuple[str, type]] = {
-    # kind → (hook name, base class); tasks resolve their base lazily (see _task_base).
+    # kind → (hook name, base class)
     "policy": ("register_commit_policies", CommitPolicy),
     "cache": ("register_caches", Cache),
     "model": ("register_models", Model),
-    "task": ("register_tasks", object),
+    "task": ("register_tasks", Task),
 }
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
@@ -64,10 +67,50 @@ class UnknownPluginError(KeyError):
         return str(self.args[0])
 
 
-def _task_base() -> type:
-    from dlm_decode.tasks.base import Task
+def check_plugin_class(kind: str, cls: Any, source: str = "(direct)") -> None:
+    """The load-time checks every registered class passes (and that
+    [`dlm_decode.testing`][dlm_decode.testing] runs on a plugin author's class).
 
-    return Task
+    Args:
+        kind: ``policy``, ``cache``, ``model`` or ``task``.
+        cls: the class to check.
+        source: the plugin that registers it, for messages.
+
+    Raises:
+        TypeError: not a subclass of the kind's base, a bad ``name`` or ``version``, or a
+            ``Params`` model that is not a pydantic model with ``extra="forbid"``.
+    """
+    base = _KINDS[kind][1]
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        raise TypeError(
+            f"plugin {source!r} registered {cls!r} as a {kind}, but it is not a "
+            f"subclass of {base.__module__}.{base.__qualname__}; subclass it and "
+            f"register the class (not an instance)"
+        )
+    name = getattr(cls, "name", None)
+    version = getattr(cls, "version", 1)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise TypeError(
+            f"plugin {source!r}: {cls.__qualname__}.name must be a lower-case "
+            f"identifier such as 'my_rule', got {name!r}"
+        )
+    if not isinstance(version, int) or version < 1:
+        raise TypeError(
+            f"plugin {source!r}: {cls.__qualname__}.version must be an int ≥ 1, got {version!r}"
+        )
+    params = getattr(cls, "Params", None)
+    if kind in ("policy", "cache"):
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise TypeError(
+                f"plugin {source!r}: {cls.__qualname__}.Params must be a pydantic "
+                f"BaseModel subclass"
+            )
+        if params.model_config.get("extra") != "forbid":
+            raise TypeError(
+                f"plugin {source!r}: {cls.__qualname__}.Params must set "
+                f"model_config = ConfigDict(extra='forbid') so typos in "
+                f"parameters are errors"
+            )
 
 
 @dataclass
@@ -82,38 +125,8 @@ class Registry:
     # -- building -----------------------------------------------------------------
     def _register(self, kind: str, source: str) -> Callable[[type], None]:
         def register(cls: type) -> None:
-            base = _task_base() if kind == "task" else _KINDS[kind][1]
-            if not isinstance(cls, type) or not issubclass(cls, base):
-                raise TypeError(
-                    f"plugin {source!r} registered {cls!r} as a {kind}, but it is not a "
-                    f"subclass of {base.__module__}.{base.__qualname__}; subclass it and "
-                    f"register the class (not an instance)"
-                )
-            name = getattr(cls, "name", None)
-            version = getattr(cls, "version", 1)
-            if not isinstance(name, str) or not _NAME_RE.match(name):
-                raise TypeError(
-                    f"plugin {source!r}: {cls.__qualname__}.name must be a lower-case "
-                    f"identifier such as 'my_rule', got {name!r}"
-                )
-            if not isinstance(version, int) or version < 1:
-                raise TypeError(
-                    f"plugin {source!r}: {cls.__qualname__}.version must be an int ≥ 1, "
-                    f"got {version!r}"
-                )
-            params = getattr(cls, "Params", None)
-            if kind in ("policy", "cache"):
-                if not (isinstance(params, type) and issubclass(params, BaseModel)):
-                    raise TypeError(
-                        f"plugin {source!r}: {cls.__qualname__}.Params must be a pydantic "
-                        f"BaseModel subclass"
-                    )
-                if params.model_config.get("extra") != "forbid":
-                    raise TypeError(
-                        f"plugin {source!r}: {cls.__qualname__}.Params must set "
-                        f"model_config = ConfigDict(extra='forbid') so typos in "
-                        f"parameters are errors"
-                    )
+            check_plugin_class(kind, cls, source)
+            name, version = cls.name, getattr(cls, "version", 1)
             versions = self.entries[kind].setdefault(name, {})
             if version in versions:
                 other = self.sources[(kind, name, version)]
@@ -134,6 +147,11 @@ class Registry:
         for source, plugin in plugins:
             if pm.is_registered(plugin):
                 continue
+            if pm.has_plugin(source):
+                raise ValueError(
+                    f"two plugins share the entry-point name {source!r} "
+                    f"({pm.get_plugin(source)!r} and {plugin!r}); rename one of them"
+                )
             pm.register(plugin, name=source)
         try:
             pm.check_pending()
@@ -204,7 +222,13 @@ class Registry:
         return rows
 
 
-def _entry_point_plugins() -> list[tuple[str, Any]]:
+def entry_point_plugins() -> list[tuple[str, Any]]:
+    """``(entry-point name, loaded plugin)`` for the built-ins and the allowed plugins.
+
+    The built-ins are recognised by their module (the entry point's value), never by
+    name alone, so a third-party entry point that happens to share a built-in's name is
+    treated as the third-party plugin it is.
+    """
     allowed_env = os.environ.get(ENV_VAR)
     allowed = None
     if allowed_env is not None:
@@ -241,7 +265,7 @@ def get_registry() -> Registry:
     global _registry
     with _lock:
         if _registry is None:
-            _registry = Registry.build(_entry_point_plugins())
+            _registry = Registry.build(entry_point_plugins())
         return _registry
 
 
@@ -256,25 +280,7 @@ def reset_registry(plugins: Iterable[tuple[str, ModuleType | Any]] | None = None
     with _lock:
         base = [(n, importlib.import_module(m)) for n, m in BUILTIN_PLUGINS.items()]
         if plugins is None:
-            _registry = Registry.build(_entry_point_plugins())
+            _registry = Registry.build(entry_point_plugins())
         else:
             _registry = Registry.build([*base, *plugins])
         return _registry
-
-
-def validate_params(cls: type, params: dict[str, Any]) -> BaseModel:
-    """Validate ``params`` against ``cls.Params``; errors name the field and the fix."""
-    try:
-        return cls.Params(**params)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(params)"
-            if err["type"] == "extra_forbidden":
-                allowed = ", ".join(cls.Params.model_fields) or "none"
-                problems.append(f"unknown parameter {loc!r} (allowed: {allowed})")
-            else:
-                problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
-        raise ValueError(
-            f"invalid parameters for {cls.name}.v{cls.version}: " + "; ".join(problems)
-        ) from None

@@ -125,6 +125,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from tqdm import tqdm
+
 __all__ = [
     "ExecResult",
     "IsolationInfo",
@@ -774,8 +776,6 @@ def run_programs(
     results: list[ExecResult | None] = [None] * len(sources)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(sources), desc="sandbox", unit="prog")
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="sandbox") as pool:
         futures = {

@@ -8,18 +8,20 @@ Every rule works on the sorted profile of a row's masked confidences
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlm_decode.frechet import count_true_prefix, frechet_gap
-from dlm_decode.interfaces import CountPolicy, NoParams, StepState
+from dlm_decode.frechet import count_true_prefix, frechet_gap, masked_ranks
+from dlm_decode.interfaces import CountPolicy, NoParams, ProfileCriterion, StepState
 
 __all__ = [
     "FactorParams",
     "FactorPolicy",
+    "FixedParams",
     "FixedPolicy",
+    "FixedScoredPolicy",
     "FrechetParams",
     "FrechetPolicy",
     "FrechetRobustParams",
@@ -87,11 +89,67 @@ class FixedPolicy(CountPolicy):
         return n
 
 
+class FixedParams(_Params):
+    """Params of ``fixed`` (version 2)."""
+
+    score: Literal["confidence", "margin", "entropy", "random"] = Field(
+        "confidence",
+        description="what orders the positions: p(x0) (LLaDA low_confidence), top-1 − top-2 "
+        "(Dream topk_margin), lowest entropy (Dream entropy), or uniform noise (LLaDA random)",
+    )
+
+
+class FixedScoredPolicy(FixedPolicy):
+    """LLaDA's schedule with a choice of what orders the positions: ``fixed`` version 2.
+
+    The count per step is ``fixed``'s (the block's masked count split evenly over its
+    steps); the positions are the best by ``score``: ``confidence`` (LLaDA
+    ``low_confidence``, identical to ``fixed.v1``), ``margin`` (top-1 − top-2, Dream
+    ``topk_margin``), ``entropy`` (lowest entropy first, Dream ``entropy``) or ``random``
+    (LLaDA ``random``: uniform noise from the decode's seeded generator, so a batched row
+    differs from the row decoded alone, as with sampling).
+    """
+
+    version: ClassVar[int] = 2
+    Params: ClassVar[type[BaseModel]] = FixedParams
+
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The signal the score reads (none for ``confidence``)."""
+        return {"confidence": (), "margin": ("topk:2",), "entropy": ("entropy",)}.get(
+            self.params.score, ("uniform",)
+        )
+
+    def select(
+        self, confidence: torch.Tensor, masked: torch.Tensor, state: StepState
+    ) -> torch.Tensor:
+        score = self.params.score
+        if score == "confidence":
+            return super().select(confidence, masked, state)
+        sig = state.signals
+        if score == "margin":
+            key = sig.topk_probs[..., 0] - sig.topk_probs[..., 1]
+        elif score == "entropy":
+            key = -sig.entropy
+        else:
+            key = sig.uniform
+        ranks = masked_ranks(key, masked)  # (B, L)
+        m = masked.sum(-1)  # (B,)
+        n = self.commit_count(torch.zeros_like(confidence), ranks < m.unsqueeze(-1), state)
+        n = torch.minimum(n.clamp(min=1), m)  # (B,)
+        return (ranks < n.unsqueeze(-1)) & masked
+
+
 class ThresholdPolicy(CountPolicy):
     """Commit every masked position with ``c ≥ τ``; if none, the single most confident."""
 
     name: ClassVar[str] = "threshold"
     Params: ClassVar[type[BaseModel]] = ThresholdParams
+    capturable: ClassVar[bool] = True
+
+    def criterion(self, sorted_conf: torch.Tensor) -> ProfileCriterion:
+        """``c(n) ≥ τ``."""
+        return ProfileCriterion("c(n)", sorted_conf, self.params.threshold, "τ", "at_least")
 
     def commit_count(
         self, sorted_conf: torch.Tensor, valid: torch.Tensor, state: StepState
@@ -108,13 +166,23 @@ class FactorPolicy(CountPolicy):
 
     name: ClassVar[str] = "factor"
     Params: ClassVar[type[BaseModel]] = FactorParams
+    capturable: ClassVar[bool] = True
+
+    @classmethod
+    def params_for_margin(cls, margin: float) -> dict[str, Any]:
+        """``f = 1 − δ``: with equal confidences ``factor(1 − δ)`` is ``frechet(δ)``."""
+        return {"factor": round(1.0 - margin, 12)}
+
+    def criterion(self, sorted_conf: torch.Tensor) -> ProfileCriterion:
+        """``(n + 1)(1 − c(n)) < f``."""
+        n = torch.arange(1, sorted_conf.shape[-1] + 1, device=sorted_conf.device)
+        values = (n + 1) * (1 - sorted_conf)  # (..., L)
+        return ProfileCriterion("(n+1)(1−c(n))", values, self.params.factor, "f", "below")
 
     def commit_count(
         self, sorted_conf: torch.Tensor, valid: torch.Tensor, state: StepState
     ) -> torch.Tensor:
-        n = torch.arange(1, sorted_conf.shape[-1] + 1, device=sorted_conf.device)
-        cond = (n + 1) * (1 - sorted_conf) < self.params.factor
-        return count_true_prefix(cond, valid)
+        return count_true_prefix(self.criterion(sorted_conf).passing(), valid)
 
 
 class FrechetPolicy(CountPolicy):
@@ -126,17 +194,26 @@ class FrechetPolicy(CountPolicy):
 
     name: ClassVar[str] = "frechet"
     Params: ClassVar[type[BaseModel]] = FrechetParams
+    capturable: ClassVar[bool] = True
+
+    @classmethod
+    def params_for_margin(cls, margin: float) -> dict[str, Any]:
+        """The margin itself: ``{"margin": δ}``."""
+        return {"margin": float(margin)}
 
     def _margin_eta(self) -> tuple[float, float]:
         return self.params.margin, 0.0
 
+    def criterion(self, sorted_conf: torch.Tensor) -> ProfileCriterion:
+        """``G_n > δ`` (on ``max(0, c − η)`` for ``frechet_robust``)."""
+        margin, eta = self._margin_eta()
+        c = (sorted_conf - eta).clamp(min=0) if eta > 0 else sorted_conf
+        return ProfileCriterion("G_n (Fréchet score)", frechet_gap(c), margin, "δ", "above")
+
     def commit_count(
         self, sorted_conf: torch.Tensor, valid: torch.Tensor, state: StepState
     ) -> torch.Tensor:
-        margin, eta = self._margin_eta()
-        c = (sorted_conf - eta).clamp(min=0) if eta > 0 else sorted_conf
-        gap = frechet_gap(c)  # (B, L)
-        return count_true_prefix(gap > margin, valid)
+        return count_true_prefix(self.criterion(sorted_conf).passing(), valid)
 
 
 class FrechetRobustPolicy(FrechetPolicy):
@@ -152,6 +229,7 @@ class FrechetRobustPolicy(FrechetPolicy):
 
 BUILTIN_POLICIES = (
     FixedPolicy,
+    FixedScoredPolicy,
     ThresholdPolicy,
     FactorPolicy,
     FrechetPolicy,

@@ -36,7 +36,7 @@ from dlm_decode.ablate import (
     run_sweep,
 )
 from dlm_decode.ablate.store import RowStore, read_sweep_rows, repair_tail
-from dlm_decode.config import DecodeConfig
+from dlm_decode.config import DecodeConfig, PolicyRef
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +72,14 @@ class FakeAblTask(Task):
 @hookimpl
 def register_tasks(register):
     register(FakeAblTask)
+
+
+from plugin_support import TaggedDual
+
+
+@hookimpl
+def register_caches(register):
+    register(TaggedDual)
 '''
 
 
@@ -143,7 +151,8 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 def sub_env(env: dict[str, Any]) -> dict[str, str]:
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(env["plugdir"]), str(ROOT), e.get("PYTHONPATH", "")])
+    paths = [str(env["plugdir"]), str(ROOT / "tests"), str(ROOT), e.get("PYTHONPATH", "")]
+    e["PYTHONPATH"] = os.pathsep.join(paths)
     e.update(
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
@@ -299,7 +308,7 @@ def test_grid_expansion_products_matched_pairs_and_stable_ids(env: dict[str, Any
             ],
         )
     )
-    settings = [(s.policy, s.args) for s in expand_settings(cfg)]
+    settings = [(s.policy.name, s.policy.args) for s in expand_settings(cfg)]
     assert settings[:4] == [
         ("fixed", {}),
         ("threshold", {"threshold": 0.5}),
@@ -320,9 +329,9 @@ def test_grid_expansion_products_matched_pairs_and_stable_ids(env: dict[str, Any
     # factor 0.75 appears twice in the grid (explicit and matched): one run per cache/seed.
     n_settings = len(settings) - 1
     assert len(runs) == n_settings * 2 * 2
-    fixed = [r for r in runs if r.policy_key == "fixed.v1"]
+    fixed = [r for r in runs if r.policy_key == "fixed.v2"]
     assert {r.steps for r in fixed} == {32}  # one token per step by default
-    assert all(r.steps is None for r in runs if r.policy_key != "fixed.v1")
+    assert all(r.steps is None for r in runs if r.policy_key != "fixed.v2")
     # Ids ignore limit and batch size, and depend on everything that changes outputs.
     again = expand_runs(
         load_config(
@@ -353,7 +362,7 @@ def test_shipped_configs_validate() -> None:
             load_config(f)
             assert expand_runs(cfg)
     sweep = load_config(ROOT / "experiments/configs/tiny_sweep.yaml", validate_plugins=False)
-    args = {(s.policy, tuple(s.args.values())) for s in expand_settings(sweep)}
+    args = {(s.policy.name, tuple(s.policy.args.values())) for s in expand_settings(sweep)}
     for tau in (0.5, 0.7, 0.9):
         assert ("threshold", (tau,)) in args
     for f in (0.7, 0.75, 0.85, 1.0):
@@ -396,19 +405,29 @@ def test_sweep_outputs(reference: dict[str, Any]) -> None:
         "profiles.png",
     ):
         assert (out / name).is_file(), name
+    assert not (out / "caches.png").exists()  # one cache: nothing to compare
     envj = json.loads((out / "environment.json").read_text())
     for key in ("python", "torch", "transformers", "dlm_decode", "git", "cpu", "seeds"):
         assert key in envj
     rows = read_rows(out / "rows.jsonl")
     assert len(rows) == 4 * 12
+    assert all(r["token_forwards"] >= r["nfe"] for r in rows)
+    assert all(
+        float(t["token_forwards_per_sample"]) > 0 for t in read_table_csv(out / "summary.csv")
+    )
     assert all(sum(r["commits"]) == 32 and len(r["commits"]) == r["nfe"] for r in rows)
     table = {t["setting"]: t for t in res.table}
-    base = table["fixed()"]
+    base = table["fixed(score=confidence, steps=32)"]
     assert base["is_baseline"] and base["speedup"] == 1.0 and base["nfe_per_sample"] == 32
+    # The task's own families survive beside the policy family (they used to be shadowed).
+    assert {r["family"] for r in rows} == {"copy", "sort", "add", "word"}
+    assert {r["policy_family"] for r in rows} == {"fixed", "threshold", "factor", "frechet"}
+    assert {"accuracy_copy", "accuracy_sort", "accuracy_add", "accuracy_word"} <= set(base)
     fr = table["frechet(margin=0.25)"]
     assert fr["nfe_reduction"] == pytest.approx(32 / fr["nfe_per_sample"])
     assert fr["tokens_per_nfe"] > 1.0  # the peaky model commits in parallel
-    assert "| fake_abl | fixed() * | dual | 32/8 |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| fake_abl | fixed(score=confidence, steps=32) * | dual | 32/8 |" in summary
 
 
 def _wait_rows(path: Path, proc: subprocess.Popen, n: int, timeout: float = 60.0) -> int:
@@ -432,7 +451,7 @@ def test_kill_9_and_resume_equals_uninterrupted(
     cmd = [
         sys.executable,
         "-m",
-        "dlm_decode.cli",
+        "dlm_decode",
         "ablate",
         str(cfg_path),
         "--out",
@@ -576,8 +595,11 @@ def test_counterfactual_trace(model: Any) -> None:
     margins = (0.0, 0.15, 0.25, 0.3)
     pols = []
     for d in margins:
-        pols += [("frechet", {"margin": d}), ("factor", {"factor": 1 - d})]
-    pols += [("threshold", {"threshold": 0.9}), ("fixed", {})]
+        pols += [
+            PolicyRef(name="frechet", args={"margin": d}),
+            PolicyRef(name="factor", args={"factor": 1 - d}),
+        ]
+    pols += ["threshold:threshold=0.9", "fixed"]
     cfg = DecodeConfig(
         policy="frechet", policy_args={"margin": 0.25}, cache="dual", gen_length=32, block_length=8
     )
@@ -588,7 +610,7 @@ def test_counterfactual_trace(model: Any) -> None:
     for row in tr.rows:
         assert row["actual"] == int(actual[row["step_index"], row["row"]])
         assert row["frechet(margin=0.25)"] == row["actual"]
-        assert row["fixed()"] == 1  # one token per step without a step budget
+        assert row["fixed(score=confidence)"] == 1  # one token per step without a step budget
         for d in margins:
             assert row[f"frechet(margin={d:g})"] >= row[f"factor(factor={1 - d:g})"]
             assert 1 <= row[f"frechet(margin={d:g})"] <= row["masked"]
@@ -662,7 +684,7 @@ def test_accelerate_two_processes_merge_to_the_same_rows(
         "--dynamo_backend",
         "no",
         "-m",
-        "dlm_decode.cli",
+        "dlm_decode",
         "ablate",
         str(cfg_path),
         "--out",
@@ -744,3 +766,93 @@ def test_ci_size_sweep_on_the_shipped_tiny_model_runs_end_to_end(tmp_path: Path)
     # Rerunning the same command computes nothing new and keeps every row.
     assert main(["ablate", str(cfg), "--no-wandb", "--out", str(out)]) == 0
     assert len(read_rows(out / "rows.jsonl")) == len(rows)
+
+
+def test_sweeps_differing_only_in_a_cache_arg_give_two_rows_lines_and_wandb_runs(
+    env: dict[str, Any], tmp_path: Path
+) -> None:
+    from dlm_decode.ablate.plots import frontier_series
+
+    cfg = load_config(
+        make_config(
+            env,
+            caches=[
+                {"name": "tagged_dual", "args": {"tag": 1}},
+                {"name": "tagged_dual", "args": {"tag": 2}},
+            ],
+            tasks=[{"name": "fake_abl", "limit": 2}],
+            baseline=None,
+            policies=[{"policy": "threshold", "args": {"threshold": 0.9}}],
+            wandb={"enabled": True, "project": "abl-test", "mode": "offline"},
+        )
+    )
+    runs = expand_runs(cfg)
+    assert [r.cache for r in runs] == ["tagged_dual(tag=1)", "tagged_dual(tag=2)"]
+    assert len({r.run_id for r in runs}) == 2
+    assert all("tagged_dual(tag=" in r.label for r in runs)
+    old = os.environ.get("WANDB_DIR")
+    os.environ["WANDB_DIR"] = str(tmp_path / "wandb")
+    try:
+        res = run_sweep(cfg, tmp_path / "out", progress=False, plots=False)
+    finally:
+        if old is None:
+            os.environ.pop("WANDB_DIR", None)
+        else:
+            os.environ["WANDB_DIR"] = old
+    assert sorted(t["cache"] for t in res.table) == ["tagged_dual(tag=1)", "tagged_dual(tag=2)"]
+    rows = read_rows(tmp_path / "out" / "rows.jsonl")
+    assert sorted({r["cache"] for r in rows}) == ["tagged_dual(tag=1)", "tagged_dual(tag=2)"]
+    assert {r["cache_args"]["tag"] for r in rows} == {1, 2}
+    csv_caches = {t["cache"] for t in read_table_csv(tmp_path / "out" / "summary.csv")}
+    assert csv_caches == {"tagged_dual(tag=1)", "tagged_dual(tag=2)"}
+    lines = frontier_series(res.table, runs, "tokens_per_nfe")
+    assert sorted(lines) == ["threshold / tagged_dual(tag=1)", "threshold / tagged_dual(tag=2)"]
+    logged = json.loads((tmp_path / "out" / "wandb_logged.json").read_text())
+    assert sorted(logged) == sorted(r.run_id for r in runs)
+
+
+def test_caches_plot_has_a_point_per_cache_setting_and_length(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dlm_decode.ablate import plots
+
+    table = [
+        {
+            "setting": s,
+            "cache": c,
+            "gen_length": g,
+            "block_length": 16,
+            "token_forwards_per_sample": 100.0 * (ci + 1) + g,
+            "accuracy": 0.5 + 0.1 * ci,
+        }
+        for s in ("threshold(threshold=0.9)", "frechet(margin=0.25)")
+        for ci, c in enumerate(("none", "dual", "dual(refresh_every=4)"))
+        for g in (64, 128)
+    ]
+    seen: list[Any] = []
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig: Any, path: Any, **kw: Any) -> None:
+        seen.append(fig)
+        real_savefig(fig, path, **kw)
+
+    plt.Figure.savefig = spy  # type: ignore[method-assign]
+    try:
+        path = plots.plot_caches(table, tmp_path / "caches.png", "t")
+    finally:
+        plt.Figure.savefig = real_savefig  # type: ignore[method-assign]
+    assert path.stat().st_size > 0
+    (fig,) = seen
+    panels = [ax for ax in fig.axes if ax.get_xlabel().startswith("token-forwards")]
+    assert [ax.get_title() for ax in panels] == ["gen 64, block 16", "gen 128, block 16"]
+    for ax in panels:
+        assert sum(len(c.get_offsets()) for c in ax.collections) == 6  # 2 settings × 3 caches
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "none",
+        "dual",
+        "dual(refresh_every=4)",
+    ]

@@ -165,6 +165,7 @@ def test_bench_writes_every_cache_and_batch(compare_json):
     for r in rows:
         assert r["ms_per_nfe"] > 0 and r["slow_ms_per_nfe"] > 0
         assert r["nfe"] >= 32 // 16
+        assert r["token_forwards"] >= r["nfe"] * r["batch_size"]  # every forward computes
         assert r["tokens_per_s"] > 0
         assert 0 <= r["outside_forward_share"] <= 1
         assert r["agree"] is True

@@ -2,14 +2,14 @@
 
 The package is installed with pip into a temporary target folder (a copy of the source, so
 no build files land in the repository), found through its ``dlm_decode`` entry point, and
-checked with the same contract helpers every registered policy gets.
+checked with the same contract helpers every registered policy gets; its own test suite
+(which calls [`dlm_decode.testing.check_policy`][dlm_decode.testing.check_policy]) runs
+against the installed copy.
 """
 
 from __future__ import annotations
 
 import importlib
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +19,14 @@ import torch
 from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import PolicyInput, policy_inputs
-from test_policy_contract import check_policy_contract
+from plugin_support import install_example, run_example_tests
 
 import dlm_decode
 from dlm_decode import registry as registry_module
-from dlm_decode.registry import Registry, validate_params
+from dlm_decode.registry import Registry
+from dlm_decode.settings import validate_params
+from dlm_decode.testing import check_policy_on
+from dlm_decode.testing.strategies import PolicyInput, policy_inputs
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "dlm-decode-topk"
 
@@ -35,13 +37,7 @@ TOPK_EXAMPLES = 200
 @pytest.fixture(scope="module")
 def topk_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Install the example with pip into a temporary folder and put it on ``sys.path``."""
-    src = tmp_path_factory.mktemp("src") / EXAMPLE.name
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    site = tmp_path_factory.mktemp("site")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
-    cmd += ["--no-index", "--quiet", "--disable-pip-version-check", "--target", str(site)]
-    done = subprocess.run([*cmd, str(src)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"pip install of the example failed:\n{done.stderr}"
+    site = install_example(EXAMPLE, tmp_path_factory)
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(site))
         yield site
@@ -54,7 +50,7 @@ def topk_registry(topk_site: Path) -> Registry:
     """A registry built from entry points with ``DLM_DECODE_PLUGINS=topk``."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(registry_module.ENV_VAR, "topk")
-        return Registry.build(registry_module._entry_point_plugins())
+        return Registry.build(registry_module.entry_point_plugins())
 
 
 def test_example_plugin_is_loaded_from_its_entry_point_when_allowed(
@@ -67,7 +63,7 @@ def test_example_plugin_is_loaded_from_its_entry_point_when_allowed(
     assert "frechet" in topk_registry.names("policy")  # built-ins load alongside
 
     monkeypatch.setenv(registry_module.ENV_VAR, "")
-    filtered = Registry.build(registry_module._entry_point_plugins())
+    filtered = Registry.build(registry_module.entry_point_plugins())
     assert "topk" not in filtered.names("policy")
 
 
@@ -76,7 +72,7 @@ def test_example_plugin_params_forbid_extras_and_validate_k(topk_registry: Regis
     assert validate_params(cls, {}).k == 2
     with pytest.raises(ValueError, match=r"topk\.v1: k:"):
         validate_params(cls, {"k": 0})
-    with pytest.raises(ValueError, match=r"unknown parameter 'kk' \(allowed: k\)"):
+    with pytest.raises(ValueError, match=r"kk: unknown parameter of topk \(allowed: k\)"):
         validate_params(cls, {"kk": 1})
 
 
@@ -88,7 +84,7 @@ def test_example_plugin_passes_the_policy_contract_and_commits_min_k_m(
 ) -> None:
     cls = topk_registry.resolve("policy", "topk")
     policy = cls(validate_params(cls, {"k": k}))
-    commit = check_policy_contract(policy, inp.to(device))
+    commit = check_policy_on(policy, inp.to(device))
     m = inp.masked.sum(-1)
     assert torch.equal(commit.sum(-1).cpu(), torch.minimum(m, torch.full_like(m, k)))
 
@@ -107,3 +103,10 @@ def test_example_plugin_through_the_public_api(topk_site: Path) -> None:
         assert got.tolist() == [[False, True, False, True, True]]
     finally:
         registry_module.reset_registry([])
+
+
+def test_example_plugin_own_tests_pass_against_the_installed_copy(
+    topk_site: Path, tmp_path: Path
+) -> None:
+    out = run_example_tests(EXAMPLE, "dlm_decode_topk", topk_site, "topk", tmp_path)
+    assert "2 passed" in out

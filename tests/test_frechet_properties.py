@@ -20,12 +20,11 @@ import torch
 from conftest import DEVICES
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from strategies import GRID, PolicyInput, grid_values, policy_inputs, sorted_profiles
 
 import dlm_decode
 from dlm_decode.frechet import frechet_gap, frechet_scores
 from dlm_decode.interfaces import CountPolicy, StepState
-from policies.rules import (
+from dlm_decode.policies.rules import (
     FactorParams,
     FactorPolicy,
     FixedPolicy,
@@ -35,6 +34,13 @@ from policies.rules import (
     FrechetRobustPolicy,
     ThresholdParams,
     ThresholdPolicy,
+)
+from dlm_decode.testing.strategies import (
+    GRID,
+    PolicyInput,
+    grid_values,
+    policy_inputs,
+    sorted_profiles,
 )
 
 #: Example counts (``max_examples``) by cost of one example.

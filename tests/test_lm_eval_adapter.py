@@ -51,8 +51,8 @@ def _make_lm(checkpoint: Path):
 def test_model_args_parse_into_decode_config(checkpoint: Path) -> None:
     lm = _make_lm(checkpoint)
     cfg = lm.config_for({"max_gen_toks": 10, "until": ["\n"]})
-    assert cfg.policy == "frechet" and cfg.policy_args == {"margin": 0.25}
-    assert cfg.cache == "dual" and cfg.block_length == 4
+    assert cfg.policy == "frechet.v1" and cfg.policy_args == {"margin": 0.25}
+    assert cfg.cache == "dual.v1" and cfg.block_length == 4
     assert cfg.gen_length == 12  # max_gen_toks rounded up to a multiple of block_length
     with pytest.raises(NotImplementedError, match="generatively"):
         lm.loglikelihood([])

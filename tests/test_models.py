@@ -14,6 +14,7 @@ import dlm_decode
 from dlm_decode.interfaces import Model, positions_from_mask
 from dlm_decode.models import DreamModel, LLaDAModel, build_model, load_model
 from dlm_decode.models import loading as loading_mod
+from dlm_decode.models.checkpoint import resolve_dtype
 from dlm_decode.models.testing import tiny_config, write_random_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -71,7 +72,7 @@ def test_load_single_and_sharded(tmp_path, arch, shards, dtype):
 
 
 def test_dtype_resolution():
-    rd = loading_mod.resolve_dtype
+    rd = resolve_dtype
     assert rd("bf16") is torch.bfloat16 and rd("torch.float16") is torch.float16
     assert rd(None, {"torch_dtype": "bfloat16"}) is torch.bfloat16
     assert rd(None, {}, "cpu") is torch.float32 and rd(None, {}, "cuda") is torch.bfloat16
@@ -174,7 +175,7 @@ def test_expected_names_match_released_index(cls, folder, count):
 def test_presets_match_released_configs(preset, folder):
     config = json.loads((CONFIGS / folder / "config.json").read_text())
     cls = loading_mod.find_model_class(config["model_type"])
-    assert cls.spec_from_config(loading_mod.PRESETS[preset]) == cls.spec_from_config(config)
+    assert cls.spec_from_config(loading_mod.preset_config(preset)) == cls.spec_from_config(config)
 
 
 @needs_shared
@@ -461,5 +462,19 @@ def test_resolve_device_defaults_and_refuses_missing_cuda(monkeypatch):
     with pytest.raises(ValueError, match=r"no CUDA device.*use cpu"):
         resolve_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device(None) == "cuda"
     assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match=r"has 2 CUDA device\(s\); use one of: cuda, cuda:0"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("name", ["tpu", "meta", "cpu:5", "", "CUDA", "cuda:-1"])
+def test_resolve_device_refuses_unknown_names_in_one_line(name):
+    from dlm_decode.models.loading import resolve_device
+
+    with pytest.raises(
+        ValueError, match=r"is not a device dlm_decode runs on; use one of: cpu"
+    ) as e:
+        resolve_device(name)
+    assert "\n" not in str(e.value)

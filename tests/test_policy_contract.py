@@ -1,137 +1,63 @@
-"""The CommitPolicy contract, checked for every registered policy.
+"""The plugin contract, checked for every registered policy and cache with the public
+checks of [`dlm_decode.testing`][dlm_decode.testing] (what a plugin author runs on theirs).
 
-The tests iterate ``dlm_decode.list_plugins("policy")``, so a plugin gets these checks for
-free; the helpers (:func:`check_policy_contract`, :func:`no_host_sync`, …) are reused by
-``tests/test_example_plugin.py`` for the example third-party plugin.
+The tests iterate ``dlm_decode.list_plugins(...)``, so a plugin registered in the process
+gets these checks for free.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
-from unittest import mock
 
 import pytest
 import torch
 from conftest import DEVICES
-from hypothesis import given, settings
-from strategies import PolicyInput, policy_inputs
 
 import dlm_decode
-from dlm_decode.interfaces import CommitPolicy, StepState
+from dlm_decode.interfaces import Cache, CacheContext, CommitPolicy, StepState
+from dlm_decode.settings import plugin_class
+from dlm_decode.testing import (
+    HostSyncError,
+    check_cache,
+    check_policy,
+    check_policy_on,
+    no_host_sync,
+    select_without_sync,
+)
+from dlm_decode.testing.strategies import PolicyInput
 
-#: Every registered policy key (``frechet.v1``, …), instantiated with default params.
+#: Every registered policy key (``frechet.v1``, …).
 POLICY_KEYS = [row["key"] for row in dlm_decode.list_plugins("policy")]
+#: Every registered cache key (``dual.v1``, …).
+CACHE_KEYS = [row["key"] for row in dlm_decode.list_plugins("cache")]
 
 #: Examples per (policy, device) for the contract properties.
 CONTRACT_EXAMPLES = 200
 
-#: Tensor methods that copy device data to the host (a sync on CUDA).
-HOST_SYNC_METHODS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__")
-
-
-class HostSyncError(AssertionError):
-    """A policy read tensor data on the host inside ``select``."""
-
-
-def _forbidden(name: str) -> Callable[..., Any]:
-    def raiser(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        raise HostSyncError(
-            f"select() called Tensor.{name}(): policies must stay on the device "
-            f"(no .item(), .tolist(), bool(tensor), …); return a tensor mask instead"
-        )
-
-    return raiser
-
-
-@contextlib.contextmanager
-def no_host_sync(device: str | torch.device) -> Iterator[None]:
-    """Fail on any host read of tensor data inside the block.
-
-    Patches :data:`HOST_SYNC_METHODS` on ``torch.Tensor`` to raise :class:`HostSyncError`;
-    on CUDA also sets ``torch.cuda.set_sync_debug_mode("error")`` so that syncs made in C++
-    (``nonzero``, copies to the host, …) fail too.
-    """
-    with contextlib.ExitStack() as stack:
-        for name in HOST_SYNC_METHODS:
-            stack.enter_context(mock.patch.object(torch.Tensor, name, _forbidden(name)))
-        if torch.device(device).type == "cuda":
-            previous = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error")
-            stack.callback(torch.cuda.set_sync_debug_mode, previous)
-        yield
-
-
-def select_without_sync(policy: CommitPolicy, inp: PolicyInput) -> torch.Tensor:
-    """``policy.select`` on ``inp`` under :func:`no_host_sync`."""
-    with no_host_sync(inp.confidence.device):
-        return policy.select(inp.confidence, inp.masked, inp.state)
-
-
-def check_commit_mask(commit: Any, inp: PolicyInput) -> None:
-    """Assert the contract on one ``select`` result.
-
-    Bool tensor, same shape and device; commits only masked positions; at least one
-    commit in every row with a masked position and none in a row without.
-    """
-    assert isinstance(commit, torch.Tensor), f"select returned {type(commit).__name__}"
-    assert commit.dtype == torch.bool, f"commit mask has dtype {commit.dtype}, not bool"
-    assert commit.shape == inp.masked.shape
-    assert commit.device.type == inp.masked.device.type
-    commit, masked = commit.cpu(), inp.masked.cpu()
-    assert not (commit & ~masked).any(), "committed a position that is not masked"
-    has_masked = masked.any(-1)
-    per_row = commit.sum(-1)
-    assert (per_row[has_masked] >= 1).all(), "a row with masked positions committed nothing"
-    assert (per_row[~has_masked] == 0).all(), "a row with nothing masked committed something"
-
-
-def check_policy_contract(policy: CommitPolicy, inp: PolicyInput) -> torch.Tensor:
-    """Every contract check on one input: mask contract, no host sync, inputs untouched,
-    unmasked confidence values ignored, deterministic. Returns the commit mask."""
-    conf_before, masked_before = inp.confidence.clone(), inp.masked.clone()
-    commit = select_without_sync(policy, inp)
-    check_commit_mask(commit, inp)
-    assert torch.equal(inp.confidence, conf_before), "select modified the confidences"
-    assert torch.equal(inp.masked, masked_before), "select modified the mask"
-    # Values at unmasked positions are meaningless: overwrite them, same answer.
-    scrambled = torch.where(inp.masked, inp.confidence, 1 - inp.confidence)
-    again = policy.select(scrambled, inp.masked, inp.state)
-    assert torch.equal(again, commit), "select depends on values at unmasked positions"
-    return commit
-
 
 # --------------------------------------------------------------------------------------
-# The contract, for every registered policy
+# The contract, for every registered policy and cache
 # --------------------------------------------------------------------------------------
 
 
-def test_every_builtin_policy_is_registered() -> None:
+def test_every_builtin_plugin_is_registered() -> None:
     names = {key.split(".")[0] for key in POLICY_KEYS}
     assert {"fixed", "threshold", "factor", "frechet", "frechet_robust"} <= names
+    assert {"none", "prefix", "dual"} <= {key.split(".")[0] for key in CACHE_KEYS}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("key", POLICY_KEYS)
-@settings(max_examples=CONTRACT_EXAMPLES, deadline=None)
-@given(inp=policy_inputs())
-def test_policy_commits_only_masked_and_at_least_one_per_row(
-    key: str, device: str, inp: PolicyInput
-) -> None:
-    policy = dlm_decode.get_policy(key)
-    check_policy_contract(policy, inp.to(device))
+def test_policy_passes_the_public_contract_check(key: str, device: str) -> None:
+    check_policy(plugin_class("policy", key), max_examples=CONTRACT_EXAMPLES, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("key", POLICY_KEYS)
-def test_policy_handles_single_position_blocks(key: str, device: str) -> None:
-    policy = dlm_decode.get_policy(key)
-    for masked in ([[True]], [[False]], [[True], [False]]):
-        m = torch.tensor(masked)
-        state = StepState(0, 0, 1, 1, m.sum(-1))
-        inp = PolicyInput(torch.full(m.shape, 0.5), m, state, [], [])
-        check_policy_contract(policy, inp.to(device))
+@pytest.mark.parametrize("key", CACHE_KEYS)
+def test_cache_passes_the_public_contract_check(key: str, device: str) -> None:
+    check_cache(plugin_class("cache", key), device=device)
 
 
 # --------------------------------------------------------------------------------------
@@ -199,4 +125,89 @@ def test_no_host_sync_guard_restores_tensor_methods() -> None:
 
 def test_contract_check_catches_commits_of_unmasked_positions() -> None:
     with pytest.raises(AssertionError, match="not masked"):
-        check_policy_contract(_EverythingPolicy(), _simple_input())
+        check_policy_on(_EverythingPolicy(), _simple_input())
+
+
+def test_check_policy_catches_a_broken_class() -> None:
+    with pytest.raises(AssertionError, match="not masked"):
+        check_policy(_EverythingPolicy, max_examples=20)
+
+
+class _WritingCache(Cache):
+    """Breaks the cache contract: writes the sequence it is given."""
+
+    name: ClassVar[str] = "bad_writer"
+
+    def refresh(self, ctx: CacheContext, x: torch.Tensor, bs: int, be: int) -> torch.Tensor:
+        x[:, bs] = 0
+        return ctx.model.logits(x, ctx.attention_mask)[:, bs:be]
+
+    step = refresh
+
+
+class _MisalignedCache(Cache):
+    """Breaks the cache contract: returns logits shifted by one position."""
+
+    name: ClassVar[str] = "bad_shift"
+
+    def refresh(self, ctx: CacheContext, x: torch.Tensor, bs: int, be: int) -> torch.Tensor:
+        return ctx.model.logits(x, ctx.attention_mask)[:, bs - 1 : be - 1]
+
+    step = refresh
+
+
+class _WholeSequenceCache(Cache):
+    """Breaks the cache contract: returns logits for every position, not the block's."""
+
+    name: ClassVar[str] = "bad_shape"
+
+    def refresh(self, ctx: CacheContext, x: torch.Tensor, bs: int, be: int) -> torch.Tensor:
+        return ctx.model.logits(x, ctx.attention_mask)
+
+    step = refresh
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (_WritingCache, "wrote the sequence"),
+        (_MisalignedCache, "differ from a plain full forward"),
+        (_WholeSequenceCache, "not \\(B, L, V\\)"),
+    ],
+)
+def test_check_cache_catches_broken_caches(cls: type[Cache], message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        check_cache(cls)
+
+
+class _UndeclaredEntropy(CommitPolicy):
+    """Breaks contract v2: reads entropy without declaring it."""
+
+    name: ClassVar[str] = "bad_undeclared"
+
+    def select(self, confidence, masked, state):
+        return masked & (state.signals.entropy >= 0)
+
+
+class _RemaskMasked(CommitPolicy):
+    """Breaks contract v2: remasks positions that are still masked."""
+
+    name: ClassVar[str] = "bad_remask"
+    revokes: ClassVar[bool] = True
+
+    def select(self, confidence, masked, state):
+        from dlm_decode.signals import Decision
+
+        return Decision(masked, remask=~masked)
+
+
+@pytest.mark.parametrize(
+    ("cls", "error", "message"),
+    [
+        (_UndeclaredEntropy, AttributeError, "does not declare it"),
+        (_RemaskMasked, AssertionError, "not committed earlier in this block"),
+    ],
+)
+def test_check_policy_catches_broken_v2_policies(cls, error, message) -> None:
+    with pytest.raises(error, match=message):
+        check_policy(cls, max_examples=50, decode=False)

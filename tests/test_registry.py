@@ -20,10 +20,22 @@ import dlm_decode
 from dlm_decode import registry as registry_module
 from dlm_decode.hookspecs import hookimpl
 from dlm_decode.interfaces import CommitPolicy, StepState
+from dlm_decode.policies.rules import FrechetPolicy
 from dlm_decode.registry import BUILTIN_PLUGINS, Registry, UnknownPluginError
-from policies.rules import FrechetPolicy
 
-BUILTIN_POLICY_NAMES = ["factor", "fixed", "frechet", "frechet_robust", "threshold"]
+BUILTIN_POLICY_NAMES = [
+    "credit",
+    "eb",
+    "factor",
+    "fixed",
+    "frechet",
+    "frechet_robust",
+    "joint_threshold",
+    "klass",
+    "margin",
+    "threshold",
+    "wino",
+]
 
 
 def builtin_plugins() -> list[tuple[str, Any]]:
@@ -71,13 +83,13 @@ def restore_global_registry() -> Iterator[None]:
 def test_builtins_register_through_the_same_hooks_as_plugins() -> None:
     reg = Registry.build(builtin_plugins())
     assert reg.names("policy") == BUILTIN_POLICY_NAMES
-    assert reg.names("cache") == ["dual", "none", "prefix"]
+    assert reg.names("cache") == ["dkv", "drift", "dual", "none", "prefix", "vicinity"]
     for name in BUILTIN_POLICY_NAMES:
-        assert reg.sources[("policy", name, 1)] == "policies"
+        assert reg.sources[("policy", name, 1)] == "dlm_decode.policies"
 
 
 def test_registry_from_one_plugin_holds_only_that_plugin() -> None:
-    reg = Registry.build([("policies", importlib.import_module("policies"))])
+    reg = Registry.build([("dlm_decode.policies", importlib.import_module("dlm_decode.policies"))])
     assert reg.names("policy") == BUILTIN_POLICY_NAMES
     assert reg.names("cache") == []
 
@@ -86,7 +98,7 @@ def test_listing_describes_every_policy_with_params_and_source() -> None:
     rows = {r["key"]: r for r in Registry.build(builtin_plugins()).listing()}
     assert rows["frechet.v1"]["params"] == {"margin": 0.25}
     assert rows["fixed.v1"]["requires"] == ["steps"]
-    assert rows["threshold.v1"]["source"] == "policies"
+    assert rows["threshold.v1"]["source"] == "dlm_decode.policies"
 
 
 # --------------------------------------------------------------------------------------
@@ -132,7 +144,7 @@ def test_duplicate_name_and_version_raises_value_error_naming_both_sources() -> 
     dup = policy_plugin("dup_plugin", FrechetPolicy)
     with pytest.raises(ValueError, match=r"duplicate policy 'frechet\.v1'") as info:
         Registry.build([*builtin_plugins(), ("dup", dup)])
-    assert "'policies'" in str(info.value)
+    assert "'dlm_decode.policies'" in str(info.value)
     assert "'dup'" in str(info.value)
 
 
@@ -145,7 +157,7 @@ def test_unknown_name_suggests_close_matches() -> None:
     reg = Registry.build(builtin_plugins())
     with pytest.raises(UnknownPluginError, match="Did you mean 'frechet'"):
         reg.resolve("policy", "frechett")
-    with pytest.raises(UnknownPluginError, match="Registered: factor, fixed"):
+    with pytest.raises(UnknownPluginError, match="Registered: credit, eb, factor, fixed"):
         reg.resolve("policy", "zzz")
 
 
@@ -193,9 +205,11 @@ def test_invalid_param_value_error_names_the_field(
 
 
 def test_unknown_param_error_names_it_and_lists_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown parameter 'marign' \(allowed: margin\)"):
+    with pytest.raises(
+        ValueError, match=r"marign: unknown parameter of frechet \(allowed: margin\)"
+    ):
         dlm_decode.get_policy("frechet", marign=0.3)
-    with pytest.raises(ValueError, match=r"unknown parameter 'margin' \(allowed: none\)"):
+    with pytest.raises(ValueError, match=r"margin: unknown parameter of fixed \(allowed: score\)"):
         dlm_decode.get_policy("fixed", margin=0.3)
 
 
@@ -256,7 +270,7 @@ def _loaded_policy_names(monkeypatch: pytest.MonkeyPatch, env: str | None) -> li
         monkeypatch.delenv(registry_module.ENV_VAR, raising=False)
     else:
         monkeypatch.setenv(registry_module.ENV_VAR, env)
-    reg = Registry.build(registry_module._entry_point_plugins())
+    reg = Registry.build(registry_module.entry_point_plugins())
     return reg.names("policy")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import dlm_decode.evaluate
 from dlm_decode.tasks.synthetic import (
     FAMILIES,
     HELDOUT_SIZE,
@@ -161,6 +162,7 @@ def test_tokenizer_round_trip(tokenizer: Any) -> None:
 
 
 def test_task_is_registered() -> None:
-    from dlm_decode.tasks import _builtin_tasks
+    from dlm_decode.tasks import BUILTIN_TASKS
 
-    assert SyntheticTask in _builtin_tasks()
+    assert SyntheticTask in BUILTIN_TASKS
+    assert dlm_decode.evaluate.get_task("synthetic").name == "synthetic"

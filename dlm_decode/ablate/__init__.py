@@ -6,10 +6,13 @@ and writes a summary table, plots, optional counterfactual-trace and commit-audi
 and (optionally) W&B runs. See ``docs/guides/ablations.md``.
 
 Example:
-    >>> from dlm_decode.ablate import load_config, run_sweep
-    >>> cfg = load_config("experiments/configs/tiny_cpu.yaml")  # doctest: +SKIP
-    >>> result = run_sweep(cfg, "runs/tiny_cpu", use_wandb=False)  # doctest: +SKIP
-    >>> best = max(result.table, key=lambda row: row.get("accuracy"))  # doctest: +SKIP
+    ```python
+    from dlm_decode.ablate import load_config, run_sweep
+
+    cfg = load_config("experiments/configs/tiny_cpu.yaml")
+    result = run_sweep(cfg, "runs/tiny_cpu", use_wandb=False)
+    best = max(result.table, key=lambda row: row["accuracy"])
+    ```
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dlm_decode.ablate.config import (
     expand_runs,
     expand_settings,
     load_config,
-    policy_label,
+    setting_label,
 )
 from dlm_decode.ablate.counterfactual import (
     AuditPolicy,
@@ -55,10 +58,10 @@ __all__ = [
     "expand_runs",
     "expand_settings",
     "load_config",
-    "policy_label",
     "read_rows",
     "read_sweep_rows",
     "read_table_csv",
     "run",
     "run_sweep",
+    "setting_label",
 ]

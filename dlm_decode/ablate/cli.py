@@ -7,6 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from dlm_decode.ablate.config import expand_runs, load_config
+from dlm_decode.ablate.runner import run_sweep
+from dlm_decode.ablate.tracking import import_wandb
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -31,9 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the config (before any model loads), then run or resume the sweep."""
-    from dlm_decode.ablate.config import expand_runs, load_config
-    from dlm_decode.ablate.runner import run_sweep
-
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     cfg = load_config(args.config)
@@ -45,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     use_wandb = not args.no_wandb and cfg.wandb.enabled
     if use_wandb:
-        from dlm_decode.ablate.tracking import _import_wandb
-
-        _import_wandb()  # fail now, not after hours of decoding
+        import_wandb()  # fail now, not after hours of decoding
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     run_sweep(
         cfg,

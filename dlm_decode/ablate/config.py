@@ -25,39 +25,58 @@ import itertools
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from dlm_decode.config import DecodeConfig
+from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef
+from dlm_decode.registry import (
+    UnknownPluginError,
+    entry_point_plugins,
+    get_registry,
+    reset_registry,
+)
+from dlm_decode.settings import Resolved, param_problems, plugin_class, resolve
 
 __all__ = [
     "AblationConfig",
     "AblationConfigError",
     "AuditSpec",
     "BaselineSpec",
-    "CacheSpec",
     "CounterfactualSpec",
     "LengthSpec",
     "MatchedSpec",
     "ModelSpec",
     "PlotSpec",
-    "PolicyRef",
-    "PolicySpec",
+    "PolicyGrid",
     "RunSpec",
     "Setting",
     "TaskSpec",
     "WandbSpec",
+    "baseline_matches",
+    "cache_matches",
     "expand_runs",
     "expand_settings",
     "load_config",
     "load_plugins",
-    "policy_label",
+    "resolve_setting",
+    "setting_label",
     "validate_config",
 ]
+
+_DEFAULT_POLICY: str = DecodeConfig.model_fields["policy"].default
+_DEFAULT_CACHE: str = DecodeConfig.model_fields["cache"].default
 
 
 class AblationConfigError(ValueError):
@@ -118,13 +137,6 @@ class TaskSpec(_Strict):
         return kw
 
 
-class CacheSpec(_Strict):
-    """A cache and its params (a bare string ``dual`` is accepted in YAML)."""
-
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict)
-
-
 class LengthSpec(_Strict):
     """Generation and block length of a run."""
 
@@ -133,15 +145,17 @@ class LengthSpec(_Strict):
 
 
 class MatchedSpec(_Strict):
-    """Matched pairs: for every margin δ, ``factor`` with ``f = 1 − δ`` beside ``frechet`` δ.
+    """Matched settings: for every margin δ, each listed policy at the parameters its class
+    says correspond to δ
+    ([`params_for_margin`][dlm_decode.interfaces.CommitPolicy.params_for_margin]).
 
-    With equal confidences the two rules coincide; on real profiles ``frechet`` commits at
-    least as much (its heterogeneity bonus), which is what the Fast-dLLM++ paper compares.
+    The default pairs ``factor`` with ``f = 1 − δ`` and ``frechet`` with margin δ: with
+    equal confidences the two rules coincide; on real profiles ``frechet`` commits at least
+    as much (its heterogeneity bonus), which is what the Fast-dLLM++ paper compares.
     """
 
     margins: list[float] = Field(min_length=1)
-    factor_policy: str = "factor"
-    frechet_policy: str = "frechet"
+    policies: list[str] = Field(default_factory=lambda: ["factor", "frechet"], min_length=1)
 
     @field_validator("margins")
     @classmethod
@@ -152,7 +166,7 @@ class MatchedSpec(_Strict):
         return v
 
 
-class PolicySpec(_Strict):
+class PolicyGrid(_Strict):
     """One entry of the policy grid: either a policy with params, or ``matched`` pairs.
 
     Attributes:
@@ -171,7 +185,7 @@ class PolicySpec(_Strict):
     matched: MatchedSpec | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> PolicySpec:
+    def _one_kind(self) -> PolicyGrid:
         if (self.policy is None) == (self.matched is None):
             raise ValueError("give either 'policy' (with 'args') or 'matched', not both")
         if self.matched is not None and (self.args or self.steps is not None):
@@ -182,20 +196,86 @@ class PolicySpec(_Strict):
         return self
 
 
-class PolicyRef(_Strict):
-    """A single policy setting (no grid)."""
+class Setting(_Strict):
+    """One policy setting: a policy reference, its step budget and its plot family.
 
-    policy: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    Written in YAML flat, ``{policy: frechet, args: {margin: 0.2}, steps: 64}`` (or just a
+    name); the grid's entries expand into settings too.
+
+    Attributes:
+        policy: the policy and its arguments as written (resolved per run).
+        steps: the total step budget (``DecodeConfig.steps``); ``None`` → one token per
+            step (``gen_length``) for a policy that needs a budget, else none.
+        family: the family label in plots (default: the policy's bare name).
+    """
+
+    policy: PolicyRef
     steps: int | None = Field(None, ge=1)
+    family: str | None = None
+    _source: str = PrivateAttr("")
+    _arg_paths: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"policy": {"name": value}}
+        if isinstance(value, dict) and isinstance(value.get("policy"), str):
+            value = dict(value)
+            value["policy"] = {"name": value.pop("policy"), "args": value.pop("args", {})}
+        return value
+
+    @classmethod
+    def at(
+        cls,
+        policy: PolicyRef,
+        steps: int | None,
+        family: str | None,
+        source: str,
+        arg_paths: dict[str, str] | None = None,
+    ) -> Setting:
+        """A setting that remembers the YAML path it came from (for error messages)."""
+        st = cls(policy=policy, steps=steps, family=family)
+        st._source, st._arg_paths = source, dict(arg_paths or {})
+        return st
+
+    @property
+    def source(self) -> str:
+        """YAML path of the entry this setting came from."""
+        return self._source
+
+    @property
+    def arg_paths(self) -> dict[str, str]:
+        """YAML path of each argument's value."""
+        return self._arg_paths
+
+    @property
+    def family_label(self) -> str:
+        """``family``, or the policy's bare name."""
+        return self.family or self.policy.bare_name
+
+    @property
+    def label(self) -> str:
+        """``frechet(margin=0.25)``, ``fixed(steps=64)``: the policy's label plus steps."""
+        return setting_label(self.policy, self.steps)
+
+
+def setting_label(policy: PolicyRef, steps: int | None) -> str:
+    """A policy's [`label`][dlm_decode.config.PluginRef.label] with a step budget added:
+    ``fixed(steps=64)``, ``threshold(threshold=0.9)``."""
+    if steps is None:
+        return policy.label
+    args = {**policy.args, "steps": steps}
+    return PolicyRef(name=policy.bare_name, args=args).label
 
 
 class BaselineSpec(_Strict):
     """Selects the baseline row that speed-up and NFE reduction are relative to.
 
     A run's baseline is the run with the same task, gen/block length and seed whose policy
-    is ``policy`` and whose params include ``args``; its cache is ``cache``, or the run's own
-    cache when ``cache`` is ``None``.
+    is ``policy`` and whose params include ``args``; its cache is ``cache`` (a name, a
+    versioned key or a label such as ``dual``), or the run's own cache (with its
+    arguments) when ``cache`` is ``None``.
     """
 
     policy: str
@@ -215,10 +295,8 @@ class CounterfactualSpec(_Strict):
     """
 
     enabled: bool = False
-    driver: PolicyRef = Field(
-        default_factory=lambda: PolicyRef(policy="frechet", args={"margin": 0.25})
-    )
-    policies: list[PolicyRef] | None = None
+    driver: Setting = Field(default_factory=lambda: Setting(policy=PolicyRef(name=_DEFAULT_POLICY)))
+    policies: list[Setting] | None = None
     samples: int = Field(2, ge=1)
 
 
@@ -239,8 +317,8 @@ class AuditSpec(_Strict):
     samples: int = Field(2, ge=1)
     every: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
-    cache: str = "none"
-    policies: list[PolicyRef] | None = None
+    cache: CacheRef = Field(default_factory=lambda: CacheRef(name="none"))
+    policies: list[Setting] | None = None
 
 
 class WandbSpec(_Strict):
@@ -276,8 +354,8 @@ class PlotSpec(_Strict):
 
     enabled: bool = True
     example_sample: int = Field(0, ge=0)
-    profile_policy: PolicyRef = Field(
-        default_factory=lambda: PolicyRef(policy="frechet", args={"margin": 0.25})
+    profile_policy: Setting = Field(
+        default_factory=lambda: Setting(policy=PolicyRef(name=_DEFAULT_POLICY))
     )
     profile_steps: int = Field(3, ge=1, le=8)
 
@@ -311,7 +389,9 @@ class AblationConfig(_Strict):
     plugins: list[str] = Field(default_factory=list)
     model: ModelSpec = Field(default_factory=ModelSpec)
     tasks: list[TaskSpec] = Field(min_length=1)
-    caches: list[CacheSpec] = Field(default_factory=lambda: [CacheSpec(name="dual")])
+    caches: list[CacheRef] = Field(
+        default_factory=lambda: [CacheRef(name=_DEFAULT_CACHE)], min_length=1
+    )
     lengths: list[LengthSpec] = Field(
         default_factory=lambda: [LengthSpec(gen_length=256, block_length=32)], min_length=1
     )
@@ -320,18 +400,11 @@ class AblationConfig(_Strict):
     early_stop: bool = False
     batch_size: int = Field(16, ge=1)
     baseline: BaselineSpec | None = None
-    policies: list[PolicySpec] = Field(min_length=1)
+    policies: list[PolicyGrid] = Field(min_length=1)
     counterfactual: CounterfactualSpec = Field(default_factory=CounterfactualSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     plots: PlotSpec = Field(default_factory=PlotSpec)
-
-    @field_validator("caches", mode="before")
-    @classmethod
-    def _cache_strings(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            return [{"name": c} if isinstance(c, str) else c for c in v]
-        return v
 
 
 # --------------------------------------------------------------------------------------
@@ -415,14 +488,11 @@ def load_plugins(modules: Sequence[str]) -> None:
     """
     if not modules:
         return
-    from dlm_decode import registry
-
     extra = [(m, importlib.import_module(m)) for m in modules]
-    reg = registry.get_registry()
-    known = set(reg.sources.values())
+    known = set(get_registry().sources.values())
     if all(m in known for m, _ in extra):
         return
-    registry.reset_registry([*registry._entry_point_plugins(), *extra])
+    reset_registry([*entry_point_plugins(), *extra])
 
 
 # --------------------------------------------------------------------------------------
@@ -430,55 +500,18 @@ def load_plugins(modules: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One expanded policy setting of the grid.
-
-    Attributes:
-        policy: the name as written in the config.
-        args: params as written (one grid point).
-        steps: the step budget as written (``None`` → default).
-        family: family label for plots.
-        source: YAML path of the grid entry it came from.
-        arg_paths: YAML path of each param's value (for error messages).
-    """
-
-    policy: str
-    args: dict[str, Any]
-    steps: int | None
-    family: str
-    source: str
-    arg_paths: dict[str, str] = field(default_factory=dict, compare=False)
-
-    @property
-    def label(self) -> str:
-        """``frechet(margin=0.25)``."""
-        return policy_label(self.policy, self.args, self.steps)
-
-
-def policy_label(policy: str, args: dict[str, Any], steps: int | None = None) -> str:
-    """A short readable label: ``threshold(threshold=0.9)``, ``fixed(steps=256)``."""
-    parts = [f"{k}={_fmt(v)}" for k, v in sorted(args.items())]
-    if steps is not None:
-        parts.append(f"steps={steps}")
-    return f"{policy}({', '.join(parts)})"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
 def expand_settings(cfg: AblationConfig) -> list[Setting]:
     """Expand the policy grid into settings (list values form a product; ``matched`` gives
-    a factor and a frechet setting per margin). Duplicates are kept here; runs dedupe.
+    one setting per margin and listed policy). Duplicates are kept here; runs dedupe.
 
     Args:
         cfg: the config.
 
     Returns:
         The settings, in config order.
+
+    Raises:
+        AblationConfigError: a ``matched`` policy is unknown or has no margin mapping.
     """
     out: list[Setting] = []
     for i, spec in enumerate(cfg.policies):
@@ -486,21 +519,11 @@ def expand_settings(cfg: AblationConfig) -> list[Setting]:
         if spec.matched is not None:
             m = spec.matched
             for j, delta in enumerate(m.margins):
-                f = round(1.0 - delta, 12)
                 p = f"{src}.matched.margins[{j}]"
-                out.append(
-                    Setting(m.factor_policy, {"factor": f}, None, "factor", src, {"factor": p})
-                )
-                out.append(
-                    Setting(
-                        m.frechet_policy,
-                        {"margin": float(delta)},
-                        None,
-                        "frechet",
-                        src,
-                        {"margin": p},
-                    )
-                )
+                for name in m.policies:
+                    args = _margin_args(name, float(delta), f"{src}.matched.policies")
+                    ref = PolicyRef(name=name, args=args)
+                    out.append(Setting.at(ref, None, None, src, dict.fromkeys(args, p)))
             continue
         assert spec.policy is not None
         keys = list(spec.args)
@@ -516,80 +539,137 @@ def expand_settings(cfg: AblationConfig) -> list[Setting]:
             args = {k: val for k, (val, _) in zip(keys, combo, strict=True)}
             paths = {k: p for k, (_, p) in zip(keys, combo, strict=True)}
             for steps in steps_list:
-                fam = spec.family or spec.policy.split(".v")[0]
-                out.append(Setting(spec.policy, args, steps, fam, src, paths))
+                ref = PolicyRef(name=spec.policy, args=args)
+                out.append(Setting.at(ref, steps, spec.family, src, paths))
     return out
+
+
+def _margin_args(name: str, delta: float, where: str) -> dict[str, Any]:
+    try:
+        cls = get_registry().resolve("policy", name)
+    except UnknownPluginError as exc:
+        raise AblationConfigError([f"{where}: {str(exc).split(' Run `')[0]}"]) from None
+    args = cls.params_for_margin(delta)
+    if args is None:
+        raise AblationConfigError(
+            [
+                f"{where}: policy {name!r} does not say which parameters match a margin "
+                f"(its class has no params_for_margin); list it under 'policies' instead"
+            ]
+        )
+    return dict(args)
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the sweep: policy × params × cache × task × gen/block × seed.
+    """One run of the sweep: a task and a resolved decode config (policy × params × cache ×
+    gen/block × seed).
 
     Attributes:
         run_id: stable 12-hex id (hash of every field that changes outputs).
         task_index: index into ``config.tasks``.
         task: task name.
-        setting: the policy setting.
-        policy_key: versioned policy name (``frechet.v1``).
-        policy_args: validated params, defaults filled in.
-        cache: cache name as written; ``cache_key`` its versioned name.
-        cache_args: validated cache params.
-        gen_length: tokens generated per sample.
-        block_length: tokens per block.
-        steps: step budget passed to the decoder (``None`` when the policy needs none).
-        seed: decode seed.
+        setting: the policy setting of the grid, as written.
+        config: the resolved [`DecodeConfig`][dlm_decode.config.DecodeConfig]
+            (versioned keys, every parameter with its default).
+        policy_ref: the resolved policy reference (its ``label`` names every argument).
+        cache_ref: the resolved cache reference.
     """
 
     run_id: str
     task_index: int
     task: str
     setting: Setting
-    policy_key: str
-    policy_args: dict[str, Any]
-    cache: str
-    cache_key: str
-    cache_args: dict[str, Any]
-    gen_length: int
-    block_length: int
-    steps: int | None
-    seed: int
-    temperature: float
-    early_stop: bool
+    config: DecodeConfig
+    policy_ref: PolicyRef
+    cache_ref: CacheRef
+
+    # Read-only views of the config (nothing is stored twice).
+    @property
+    def policy_key(self) -> str:
+        """Versioned policy name (``frechet.v1``)."""
+        return self.config.policy
+
+    @property
+    def policy_args(self) -> dict[str, Any]:
+        """Validated policy parameters, defaults filled in."""
+        return self.config.policy_args
+
+    @property
+    def cache(self) -> str:
+        """The cache's label: ``dual``, or ``name(k=v, …)`` with every argument."""
+        return self.cache_ref.label
+
+    @property
+    def cache_key(self) -> str:
+        """Versioned cache name (``dual.v1``)."""
+        return self.config.cache
+
+    @property
+    def cache_args(self) -> dict[str, Any]:
+        """Validated cache parameters, defaults filled in."""
+        return self.config.cache_args
+
+    @property
+    def gen_length(self) -> int:
+        """Tokens generated per sample."""
+        return self.config.gen_length
+
+    @property
+    def block_length(self) -> int:
+        """Tokens per block."""
+        return self.config.block_length
+
+    @property
+    def steps(self) -> int | None:
+        """Step budget passed to the decoder (``None`` when the policy needs none)."""
+        return self.config.steps
+
+    @property
+    def seed(self) -> int:
+        """Decode seed."""
+        return self.config.seed
+
+    @property
+    def temperature(self) -> float:
+        """Sampling temperature."""
+        return self.config.temperature
+
+    @property
+    def early_stop(self) -> bool:
+        """Whether finished rows stop spending forwards."""
+        return self.config.early_stop
+
+    @property
+    def setting_label(self) -> str:
+        """The policy's label with every argument (and steps when set)."""
+        return setting_label(self.policy_ref, self.steps)
 
     @property
     def label(self) -> str:
         """Readable run name: ``synthetic/frechet(margin=0.25)/dual/g64b16/s0``."""
         return (
-            f"{self.task}/{self.setting.label}/{self.cache}/"
+            f"{self.task}/{self.setting_label}/{self.cache}/"
             f"g{self.gen_length}b{self.block_length}/s{self.seed}"
         )
 
     def decode_config(self) -> DecodeConfig:
-        """The ``DecodeConfig`` of this run."""
-        return DecodeConfig(
-            policy=self.policy_key,
-            policy_args=dict(self.policy_args),
-            cache=self.cache_key,
-            cache_args=dict(self.cache_args),
-            gen_length=self.gen_length,
-            block_length=self.block_length,
-            steps=self.steps,
-            temperature=self.temperature,
-            seed=self.seed,
-            early_stop=self.early_stop,
-        )
+        """The run's ``DecodeConfig`` (a copy)."""
+        return self.config.model_copy()
 
     def describe(self) -> dict[str, Any]:
         """The run's fields as a flat JSON-able dict (rows, tables, W&B config)."""
         return {
             "run_id": self.run_id,
             "task": self.task,
-            "family": self.setting.family,
-            "policy": self.setting.policy,
+            "policy_family": self.setting.family_label,
+            "policy": self.setting.policy.name,
             "policy_key": self.policy_key,
             "policy_args": dict(self.policy_args),
-            "setting": self.setting.label,
+            "setting": self.setting_label,
             "cache": self.cache,
+            "cache_key": self.cache_key,
+            "cache_args": dict(self.cache_args),
             "gen_length": self.gen_length,
             "block_length": self.block_length,
             "steps": self.steps,
@@ -597,12 +677,6 @@ class RunSpec:
             "temperature": self.temperature,
             "early_stop": self.early_stop,
         }
-
-
-def _resolved_steps(setting: Setting, requires: Sequence[str], gen_length: int) -> int | None:
-    if setting.steps is not None:
-        return setting.steps
-    return gen_length if "steps" in requires else None
 
 
 def _run_id(cfg: AblationConfig, payload: dict[str, Any]) -> str:
@@ -617,31 +691,33 @@ def _run_id(cfg: AblationConfig, payload: dict[str, Any]) -> str:
 def expand_runs(cfg: AblationConfig) -> list[RunSpec]:
     """Expand the config into its runs (deduplicated by ``run_id``, config order kept).
 
-    Order: task → gen/block → cache → policy setting → seed.
+    Order: task → gen/block → cache → policy setting → seed. Every run's decode config is
+    resolved through [`resolve`][dlm_decode.settings.resolve].
 
     Args:
-        cfg: a config that passed :func:`validate_config`.
+        cfg: a config that passed [`validate_config`][dlm_decode.ablate.config.validate_config].
 
     Returns:
         The runs.
     """
-    from dlm_decode.api import get_policy_class
-    from dlm_decode.registry import get_registry, validate_params
-
-    reg = get_registry()
     runs: list[RunSpec] = []
     seen: set[str] = set()
     settings = expand_settings(cfg)
     for ti, task in enumerate(cfg.tasks):
         for length in cfg.lengths:
             for cache in cfg.caches:
-                ccls = reg.resolve("cache", cache.name)
-                cargs = validate_params(ccls, cache.args).model_dump(mode="json")
                 for st in settings:
-                    pcls = get_policy_class(st.policy)
-                    pargs = validate_params(pcls, st.args).model_dump(mode="json")
-                    steps = _resolved_steps(st, pcls.requires, length.gen_length)
                     for seed in cfg.seeds:
+                        res = resolve_setting(
+                            st,
+                            cache=cache,
+                            gen_length=length.gen_length,
+                            block_length=length.block_length,
+                            seed=seed,
+                            temperature=cfg.temperature,
+                            early_stop=cfg.early_stop,
+                        )
+                        dc = res.config
                         payload = {
                             "task": {
                                 "name": task.name,
@@ -649,16 +725,16 @@ def expand_runs(cfg: AblationConfig) -> list[RunSpec]:
                                 "data_path": task.data_path,
                                 "args": task.args,
                             },
-                            "policy": f"{pcls.name}.v{pcls.version}",
-                            "policy_args": pargs,
-                            "cache": f"{ccls.name}.v{ccls.version}",
-                            "cache_args": cargs,
-                            "gen_length": length.gen_length,
-                            "block_length": length.block_length,
-                            "steps": steps,
-                            "seed": seed,
-                            "temperature": cfg.temperature,
-                            "early_stop": cfg.early_stop,
+                            "policy": dc.policy,
+                            "policy_args": dc.policy_args,
+                            "cache": dc.cache,
+                            "cache_args": dc.cache_args,
+                            "gen_length": dc.gen_length,
+                            "block_length": dc.block_length,
+                            "steps": dc.steps,
+                            "seed": dc.seed,
+                            "temperature": dc.temperature,
+                            "early_stop": dc.early_stop,
                         }
                         rid = _run_id(cfg, payload)
                         if rid in seen:
@@ -670,20 +746,29 @@ def expand_runs(cfg: AblationConfig) -> list[RunSpec]:
                                 task_index=ti,
                                 task=task.name,
                                 setting=st,
-                                policy_key=f"{pcls.name}.v{pcls.version}",
-                                policy_args=pargs,
-                                cache=cache.name,
-                                cache_key=f"{ccls.name}.v{ccls.version}",
-                                cache_args=cargs,
-                                gen_length=length.gen_length,
-                                block_length=length.block_length,
-                                steps=steps,
-                                seed=seed,
-                                temperature=cfg.temperature,
-                                early_stop=cfg.early_stop,
+                                config=dc,
+                                policy_ref=res.policy_ref,
+                                cache_ref=res.cache_ref,
                             )
                         )
     return runs
+
+
+def resolve_setting(setting: Setting, **fields: Any) -> Resolved:
+    """Resolve a setting into decode settings: its policy, its step budget (one token per
+    step when the policy needs one and none is given), and ``fields``.
+
+    Args:
+        setting: the policy setting.
+        **fields: other [`resolve`][dlm_decode.settings.resolve] arguments (``cache``,
+            ``gen_length``, …).
+    """
+    steps = setting.steps
+    if steps is None:
+        cls = plugin_class("policy", setting.policy.name)
+        if "steps" in cls.requires:
+            steps = fields.get("gen_length", DecodeConfig.model_fields["gen_length"].default)
+    return resolve(policy=setting.policy, steps=steps, **fields)
 
 
 # --------------------------------------------------------------------------------------
@@ -692,23 +777,14 @@ def expand_runs(cfg: AblationConfig) -> list[RunSpec]:
 
 
 def _param_problems(cls: type, args: dict[str, Any], paths: dict[str, str], base: str) -> list[str]:
-    try:
-        cls.Params(**args)
-    except ValidationError as exc:
-        out = []
-        for err in exc.errors():
-            key = str(err["loc"][0]) if err["loc"] else ""
-            where = paths.get(key, f"{base}.{key}" if key else base)
-            if err["type"] == "extra_forbidden":
-                allowed = ", ".join(cls.Params.model_fields) or "none"
-                out.append(f"{where}: unknown parameter of {cls.name} (allowed: {allowed})")
-            else:
-                out.append(f"{where}: {err['msg']}")
-        return out
-    return []
+    out = []
+    for key, msg in param_problems(cls, args):
+        where = paths.get(key, f"{base}.{key}" if key else base)
+        out.append(f"{where}: {msg}")
+    return out
 
 
-def _iter_refs(cfg: AblationConfig) -> Iterator[tuple[str, PolicyRef]]:
+def _iter_refs(cfg: AblationConfig) -> Iterator[tuple[str, Setting]]:
     yield "counterfactual.driver", cfg.counterfactual.driver
     for i, ref in enumerate(cfg.counterfactual.policies or ()):
         yield f"counterfactual.policies[{i}]", ref
@@ -726,25 +802,26 @@ def validate_config(cfg: AblationConfig) -> list[str]:
     Returns:
         Problems, each ``"<yaml path>: <message>"``; empty when the config is valid.
     """
-    from dlm_decode.registry import UnknownPluginError, get_registry
-
-    reg = get_registry()
     problems: list[str] = []
 
-    def resolve(kind: str, name: str, where: str) -> type | None:
+    def lookup(kind: str, name: str, where: str) -> type | None:
         try:
-            return reg.resolve(kind, name)
+            if kind == "task":
+                return get_registry().resolve(kind, name)
+            return plugin_class(kind, name)
         except UnknownPluginError as exc:
             problems.append(f"{where}: {str(exc).split(' Run `')[0]}")
             return None
 
     for i, task in enumerate(cfg.tasks):
-        resolve("task", task.name, f"tasks[{i}].name")
-    for i, cache in enumerate(cfg.caches):
-        ccls = resolve("cache", cache.name, f"caches[{i}].name")
+        lookup("task", task.name, f"tasks[{i}].name")
+    for where, cache in [
+        *((f"caches[{i}]", c) for i, c in enumerate(cfg.caches)),
+        ("audit.cache", cfg.audit.cache),
+    ]:
+        ccls = lookup("cache", cache.name, f"{where}.name")
         if ccls is not None:
-            problems += _param_problems(ccls, cache.args, {}, f"caches[{i}].args")
-    resolve("cache", cfg.audit.cache, "audit.cache")
+            problems += _param_problems(ccls, cache.args, {}, f"{where}.args")
     for i, length in enumerate(cfg.lengths):
         try:
             DecodeConfig(gen_length=length.gen_length, block_length=length.block_length)
@@ -752,38 +829,42 @@ def validate_config(cfg: AblationConfig) -> list[str]:
             problems += [
                 f"lengths[{i}]: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
             ]
+    try:
+        settings = expand_settings(cfg)
+    except AblationConfigError as exc:
+        return problems + exc.problems
     bad_entries: set[str] = set()
-    for st in expand_settings(cfg):
+    for st in settings:
         if st.source in bad_entries:
             continue
         matched = any(".matched." in p for p in st.arg_paths.values())
         where = f"{st.source}.matched" if matched else f"{st.source}.policy"
-        pcls = resolve("policy", st.policy, where)
+        pcls = lookup("policy", st.policy.name, where)
         if pcls is None:
             bad_entries.add(st.source)
             continue
-        new = _param_problems(pcls, st.args, st.arg_paths, f"{st.source}.args")
+        new = _param_problems(pcls, st.policy.args, st.arg_paths, f"{st.source}.args")
         problems += [p for p in new if p not in problems]
+        if st.steps is None:
+            continue
         for length in cfg.lengths:
-            steps = _resolved_steps(st, pcls.requires, length.gen_length)
             try:
                 DecodeConfig(
-                    gen_length=length.gen_length, block_length=length.block_length, steps=steps
+                    gen_length=length.gen_length, block_length=length.block_length, steps=st.steps
                 )
             except ValidationError as exc:
-                if steps is not None and steps == st.steps:
-                    for e in exc.errors():
-                        msg = f"{st.source}.steps: {e['msg'].removeprefix('Value error, ')}"
-                        if msg not in problems:
-                            problems.append(msg)
+                for e in exc.errors():
+                    msg = f"{st.source}.steps: {e['msg'].removeprefix('Value error, ')}"
+                    if msg not in problems:
+                        problems.append(msg)
     for where, ref in _iter_refs(cfg):
-        pcls = resolve("policy", ref.policy, f"{where}.policy")
+        pcls = lookup("policy", ref.policy.name, f"{where}.policy")
         if pcls is not None:
-            problems += _param_problems(pcls, ref.args, {}, f"{where}.args")
+            problems += _param_problems(pcls, ref.policy.args, {}, f"{where}.args")
     if cfg.baseline is not None and not problems:
-        resolve("policy", cfg.baseline.policy, "baseline.policy")
+        lookup("policy", cfg.baseline.policy, "baseline.policy")
         if not problems and not any(
-            baseline_matches(cfg.baseline, r.policy_key, r.setting.policy, r.policy_args)
+            baseline_matches(cfg.baseline, r.policy_key, r.setting.policy.name, r.policy_args)
             for r in expand_runs(cfg)
         ):
             problems.append(
@@ -792,6 +873,11 @@ def validate_config(cfg: AblationConfig) -> list[str]:
                 + "; add it to 'policies' or change the selector"
             )
     return problems
+
+
+def cache_matches(selector: str, ref: CacheRef) -> bool:
+    """Whether a cache selector (a name, versioned key or label) names ``ref``."""
+    return selector in (ref.label, ref.key, ref.bare_name, ref.name)
 
 
 def baseline_matches(sel: BaselineSpec, policy_key: str, policy: str, args: dict[str, Any]) -> bool:

@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from dlm_decode.config import DecodeConfig
+from dlm_decode.ablate.config import Setting, setting_label
+from dlm_decode.config import DecodeConfig, PolicyRef
 from dlm_decode.decoder import Decoder, GenerationResult, propose
 from dlm_decode.interfaces import (
     Cache,
@@ -33,18 +34,25 @@ from dlm_decode.interfaces import (
     Model,
     StepState,
 )
+from dlm_decode.settings import resolve, resolve_plugin
+from dlm_decode.signals import Decision, SignalSpec, parse_needs
 
 __all__ = [
     "AuditPolicy",
     "AuditResult",
     "CounterfactualPolicy",
     "CounterfactualTrace",
+    "PolicyArg",
     "commit_audit",
     "counterfactual_trace",
     "resolve_policies",
 ]
 
-PolicyArg = CommitPolicy | str | tuple[str, Mapping[str, Any]] | tuple[str, Mapping[str, Any], int]
+PolicyArg = str | PolicyRef | Setting | CommitPolicy
+"""What names a counterfactual or audited policy: a name (``"frechet"``,
+``"frechet:margin=0.2"``), a [`PolicyRef`][dlm_decode.config.PolicyRef], a
+[`Setting`][dlm_decode.ablate.config.Setting] (a reference with a step budget) or a ready
+[`CommitPolicy`][dlm_decode.interfaces.CommitPolicy]."""
 
 
 def resolve_policies(
@@ -52,24 +60,23 @@ def resolve_policies(
 ) -> dict[str, tuple[CommitPolicy, int | None]]:
     """Normalize policy arguments into ``label → (policy object, total steps or None)``.
 
+    Every name goes through [`resolve_plugin`][dlm_decode.settings.resolve_plugin]; the
+    default label is the resolved reference's label (every argument, plus ``steps``).
+
     Args:
-        policies: a mapping label → policy, or a sequence of policies; each policy is a
-            ``CommitPolicy``, a name, ``(name, args)`` or ``(name, args, steps)``.
+        policies: a mapping label → policy, or a sequence of policies (see
+            [`PolicyArg`][dlm_decode.ablate.counterfactual.PolicyArg]).
 
     Returns:
         Ordered ``label → (policy, steps)``.
     """
-    from dlm_decode.ablate.config import policy_label
-    from dlm_decode.api import get_policy
 
     def one(p: PolicyArg) -> tuple[str, CommitPolicy, int | None]:
-        if isinstance(p, CommitPolicy):
-            return policy_label(p.name, p.params.model_dump()), p, None
-        if isinstance(p, str):
-            return p, get_policy(p), None
-        name, args = p[0], dict(p[1])
-        steps = p[2] if len(p) > 2 else None  # type: ignore[misc]
-        return policy_label(name, args, steps), get_policy(name, **args), steps
+        setting = p if isinstance(p, Setting) else None
+        spec: Any = setting.policy if setting is not None else p
+        ref, obj = resolve_plugin(spec, "policy")
+        steps = setting.steps if setting is not None else None
+        return setting_label(ref, steps), obj, steps
 
     out: dict[str, tuple[CommitPolicy, int | None]] = {}
     if isinstance(policies, Mapping):
@@ -96,33 +103,90 @@ def _state_for(policy: CommitPolicy, state: StepState, steps: int | None, block:
     return dataclasses.replace(state, steps_per_block=spb)
 
 
+def _commits(out: torch.Tensor | Decision) -> torch.Tensor:
+    """The commit mask of a v1 mask or a v2 decision."""
+    return out.commit if isinstance(out, Decision) else out
+
+
 def _count(
     policy: CommitPolicy, conf: torch.Tensor, masked: torch.Tensor, st: StepState
 ) -> torch.Tensor:
     """``(B,)`` tokens ``policy`` would commit; count policies skip building the mask."""
-    if isinstance(policy, CountPolicy):
+    if isinstance(policy, CountPolicy) and type(policy).select is CountPolicy.select:
         return policy.counts(conf, masked, st)
-    return (policy.select(conf, masked, st) & masked).sum(-1)
+    return (_commits(policy.select(conf, masked, st)) & masked).sum(-1)
 
 
 class _Delegating(CommitPolicy):
-    """A policy wrapper that lets ``real`` decide and presents itself under ``real``'s key."""
+    """A policy wrapper that lets ``real`` decide and presents itself under ``real``'s key.
 
-    def __init__(self, real: CommitPolicy) -> None:
+    It also runs ``others`` on every step (contract v2): the Decoder computes the union of
+    every member's declared signals, and each member sees only its own declaration and its
+    own tensor state.
+    """
+
+    def __init__(self, real: CommitPolicy, others: Sequence[CommitPolicy] = ()) -> None:
         super().__init__(real.params)
         self.real = real
+        self.members = [real, *others]
         self.requires = tuple(getattr(real, "requires", ()))
+        self.revokes = real.revokes  # type: ignore[misc]
+        self.refine_steps = real.refine_steps
+        self._specs = [parse_needs(p.needs, owner=f"policy {p.key}") for p in self.members]
+        self._states: list[dict[str, torch.Tensor]] = []
 
     @property
     def key(self) -> str:
         """The real policy's key."""
         return self.real.key
 
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The union of every member's declared signals."""
+        spec = SignalSpec()
+        for s in self._specs:
+            spec = spec | s
+        names = [n for n in spec.names if n != "topk"]
+        return (*names, *([f"topk:{spec.topk}"] if spec.topk else []))
+
+    def step_budget(self, block_length: int) -> int:
+        """The real policy's budget."""
+        return self.real.step_budget(block_length)
+
+    def make_state(
+        self, batch_size: int, block_length: int, vocab_size: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Every member's tensors, under ``"<member index>/<name>"``."""
+        out: dict[str, torch.Tensor] = {}
+        for i, p in enumerate(self.members):
+            for k, t in p.make_state(batch_size, block_length, vocab_size, device).items():
+                out[f"{i}/{k}"] = t
+        return out
+
+    def _member_state(self, i: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefix = f"{i}/"
+        return {k[len(prefix) :]: t for k, t in state.items() if k.startswith(prefix)}
+
+    def reset_state(self, state: dict[str, torch.Tensor], masked: torch.Tensor) -> None:
+        """Each member resets its own tensors."""
+        for i, p in enumerate(self.members):
+            p.reset_state(self._member_state(i, state), masked)
+
+    def _member_step(self, i: int, state: StepState) -> StepState:
+        """The step state member ``i`` sees: its own signals and tensors."""
+        sig = state.signals
+        if sig is not None:
+            sig = sig.restricted(self._specs[i], f"policy {self.members[i].key}")
+        own = self._member_state(i, state.policy_state or {})
+        return dataclasses.replace(state, signals=sig, policy_state=own)
+
 
 class CounterfactualPolicy(_Delegating):
     """Delegates ``select`` to a real policy and records what the others would commit.
 
-    The records stay on the device until :meth:`table` (no host sync inside ``select``).
+    The records stay on the device until
+    [`table`][dlm_decode.ablate.counterfactual.CounterfactualPolicy.table] (no host sync inside
+    ``select``).
 
     Args:
         real: the policy that decides.
@@ -139,7 +203,7 @@ class CounterfactualPolicy(_Delegating):
         others: Mapping[str, tuple[CommitPolicy, int | None]],
         block_length: int,
     ) -> None:
-        super().__init__(real)
+        super().__init__(real, [p for p, _ in others.values()])
         self.others = dict(others)
         self.block_length = block_length
         # (block, step, masked (B,), counts (B, 1 + K))
@@ -147,14 +211,14 @@ class CounterfactualPolicy(_Delegating):
 
     def select(
         self, confidence: torch.Tensor, masked: torch.Tensor, state: StepState
-    ) -> torch.Tensor:
-        commit = self.real.select(confidence, masked, state)  # (B, L)
-        cols = [(commit & masked).sum(-1)]  # (B,)
-        for pol, steps in self.others.values():
-            st = _state_for(pol, state, steps, self.block_length)
+    ) -> torch.Tensor | Decision:
+        out = self.real.select(confidence, masked, self._member_step(0, state))
+        cols = [(_commits(out) & masked).sum(-1)]  # (B,)
+        for i, (pol, steps) in enumerate(self.others.values(), start=1):
+            st = _state_for(pol, self._member_step(i, state), steps, self.block_length)
             cols.append(_count(pol, confidence, masked, st))
         self.records.append((state.block_index, state.step, masked.sum(-1), torch.stack(cols, -1)))
-        return commit
+        return out
 
     def table(self) -> list[dict[str, Any]]:
         """One dict per (step, row): ``step_index``, ``block``, ``step``, ``row``,
@@ -182,7 +246,7 @@ class CounterfactualPolicy(_Delegating):
 
 @dataclass
 class CounterfactualTrace:
-    """What :func:`counterfactual_trace` returns.
+    """What [`counterfactual_trace`][dlm_decode.ablate.counterfactual.counterfactual_trace] returns.
 
     Attributes:
         driver: label of the policy that decoded.
@@ -206,7 +270,7 @@ class CounterfactualTrace:
         return {k: sum(r[k] for r in self.rows) / len(self.rows) for k in keys}
 
     def write_csv(self, path: str | Path) -> None:
-        """Write :attr:`rows` as CSV."""
+        """Write ``rows`` as CSV."""
         cols = ["step_index", "block", "step", "row", "masked", "actual", *self.labels]
         with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -227,26 +291,28 @@ def counterfactual_trace(
         model: the model.
         prompts: ``(B, P)`` ids or a list of prompts.
         config: the decode config; its policy drives the decode.
-        policies: the counterfactual policies (see :func:`resolve_policies`).
+        policies: the counterfactual policies (see
+            [`resolve_policies`][dlm_decode.ablate.counterfactual.resolve_policies]).
 
     Returns:
-        A :class:`CounterfactualTrace`; its ``actual`` column equals the decode's
+        A [`CounterfactualTrace`][dlm_decode.ablate.counterfactual.CounterfactualTrace]; its
+        ``actual`` column equals the decode's
         ``commit_counts``.
 
     Example:
-        >>> tr = counterfactual_trace(model, [[1, 5, 9]], DecodeConfig(policy="frechet"),
-        ...                           [("factor", {"factor": 0.75}),
-        ...                            ("threshold", {"threshold": 0.9})])  # doctest: +SKIP
-        >>> tr.mean_counts()  # doctest: +SKIP
+        >>> import dlm_decode
+        >>> model = dlm_decode.load_model("tiny")
+        >>> ids = model.tokenizer("sort: 5143132214512231\\n")["input_ids"]
+        >>> cfg = DecodeConfig(policy="frechet", gen_length=32, block_length=16)
+        >>> tr = counterfactual_trace(model, [ids], cfg, ["factor", "threshold:threshold=0.5"])
+        >>> sorted(tr.mean_counts())
+        ['actual', 'factor(factor=0.75)', 'threshold(threshold=0.5)']
     """
-    from dlm_decode.ablate.config import policy_label
-    from dlm_decode.api import get_policy
-
-    real = get_policy(config.policy, **config.policy_args)
-    wrapper = CounterfactualPolicy(real, resolve_policies(policies), config.block_length)
-    res = Decoder(model, config, policy=wrapper).generate(prompts)
+    settings = resolve(config)
+    wrapper = CounterfactualPolicy(settings.policy, resolve_policies(policies), config.block_length)
+    res = Decoder(model, settings.config, policy=wrapper).generate(prompts)
     return CounterfactualTrace(
-        driver=policy_label(real.name, config.policy_args, config.steps),
+        driver=setting_label(settings.policy_ref, settings.config.steps),
         labels=list(wrapper.others),
         rows=wrapper.table(),
         result=res,
@@ -324,15 +390,16 @@ class AuditPolicy(_Delegating):
 
     def select(
         self, confidence: torch.Tensor, masked: torch.Tensor, state: StepState
-    ) -> torch.Tensor:
-        commit = self.real.select(confidence, masked, state) & masked  # (B, L)
+    ) -> torch.Tensor | Decision:
+        out = self.real.select(confidence, masked, self._member_step(0, state))
+        commit = _commits(out) & masked  # (B, L)
         idx = self._seen
         self._seen += 1
         if idx % self.every or (self.max_steps is not None and self._audited >= self.max_steps):
-            return commit
+            return out
         self._audited += 1
         self._audit(commit, state)
-        return commit
+        return out
 
     @torch.no_grad()
     def _audit(self, commit: torch.Tensor, state: StepState) -> None:
@@ -373,7 +440,7 @@ class AuditPolicy(_Delegating):
 
 @dataclass
 class AuditResult:
-    """What :func:`commit_audit` returns.
+    """What [`commit_audit`][dlm_decode.ablate.counterfactual.commit_audit] returns.
 
     Attributes:
         policy: label of the audited policy.
@@ -434,14 +501,11 @@ def commit_audit(
         max_steps: at most this many audited steps.
 
     Returns:
-        An :class:`AuditResult`.
+        An [`AuditResult`][dlm_decode.ablate.counterfactual.AuditResult].
     """
-    from dlm_decode.ablate.config import policy_label
-    from dlm_decode.api import get_cache, get_policy
-
-    real = get_policy(config.policy, **config.policy_args)
-    recorder = _RecordingCache(get_cache(config.cache, **config.cache_args))
-    pol = AuditPolicy(real, recorder, model, every=every, max_steps=max_steps)
-    res = Decoder(model, config, policy=pol, cache=recorder).generate(prompts)
-    label = policy_label(real.name, config.policy_args, config.steps)
+    settings = resolve(config)
+    recorder = _RecordingCache(settings.cache)
+    pol = AuditPolicy(settings.policy, recorder, model, every=every, max_steps=max_steps)
+    res = Decoder(model, settings.config, policy=pol, cache=recorder).generate(prompts)
+    label = setting_label(settings.policy_ref, settings.config.steps)
     return AuditResult(policy=label, records=pol.records, result=res)

@@ -2,6 +2,9 @@
 
 * ``frontier*.png`` — accuracy against tokens/s and against tokens per NFE, one line per
   policy family (and cache) through its settings (Fast-dLLM++ Figure 2 style);
+* ``caches*.png`` — when a sweep compares caches: accuracy against token-forwards per
+  sample, one panel per gen/block length, a point per cache × setting (the compute each
+  cache saves, and what it costs in accuracy);
 * ``commits_per_step*.png`` — tokens committed at each denoising step of one example
   decode, policy beside policy (Figure 4 style), from the rows' commit counts;
 * ``profiles*.png`` — sorted confidence profiles of a traced decode with the Fréchet score
@@ -14,11 +17,29 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dlm_decode.ablate.config import AblationConfig, RunSpec
+import torch
 
-__all__ = ["draw_all", "plot_commits_per_step", "plot_frontier", "plot_profiles"]
+from dlm_decode.ablate.config import (
+    AblationConfig,
+    RunSpec,
+    resolve_setting,
+    setting_label,
+)
+from dlm_decode.config import format_value
+from dlm_decode.decoder import Decoder
+from dlm_decode.evaluate import encode_prompts, task_uses_chat
+from dlm_decode.interfaces import CommitPolicy, CountPolicy
 
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+__all__ = [
+    "draw_all",
+    "frontier_series",
+    "plot_caches",
+    "plot_commits_per_step",
+    "plot_frontier",
+    "plot_profiles",
+]
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
 _STYLES = ("-", "--", ":", "-.")
 
 
@@ -41,12 +62,48 @@ def _short(run: RunSpec | dict[str, Any]) -> str:
     return ",".join(vals)
 
 
+def frontier_series(
+    table: Sequence[dict[str, Any]], runs: Sequence[RunSpec], xkey: str
+) -> dict[str, list[tuple[float, float, str]]]:
+    """The frontier plot's lines: legend label → ``(x, accuracy, annotation)`` points.
+
+    One line per policy family × cache × gen/block length (seeds averaged, points sorted
+    by ``x``). The cache is named by its label, which carries every argument, so two
+    differently configured caches are two lines.
+
+    Args:
+        table: the summary rows of one task.
+        runs: the runs (for the parameter annotations).
+        xkey: the x column (``tokens_per_s``, ``tokens_per_nfe``, …).
+    """
+    by_id = {r.run_id: r for r in runs}
+    lengths = sorted({(t["gen_length"], t["block_length"]) for t in table})
+    caches = sorted({t["cache"] for t in table})
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for t in table:  # (family, cache, length, setting) → rows of every seed
+        key = (t["policy_family"], t["cache"], (t["gen_length"], t["block_length"]), t["setting"])
+        groups.setdefault(key, []).append(t)
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for (fam, cache, length, _), ts in groups.items():
+        label = fam
+        if len(caches) > 1:
+            label += f" / {cache}"
+        if len(lengths) > 1:
+            label += f" / g{length[0]}b{length[1]}"
+        x = sum(t[xkey] for t in ts) / len(ts)
+        y = sum(t["accuracy"] for t in ts) / len(ts)
+        series.setdefault(label, []).append((x, y, _short(by_id[ts[0]["run_id"]])))
+    return {label: sorted(pts) for label, pts in series.items()}
+
+
 def plot_frontier(
     table: Sequence[dict[str, Any]], runs: Sequence[RunSpec], path: Path, title: str
 ) -> Path:
-    """Accuracy vs tokens/s and vs tokens/NFE, a line per family × cache (× length).
+    """Accuracy vs tokens/s, vs tokens/NFE and vs token-forwards per sample (the positions
+    the forwards computed), a line per family × cache (× length).
 
-    Seeds are averaged. Each point is annotated with its parameter value.
+    Seeds are averaged. Each point is annotated with its parameter value. The lines are
+    [`frontier_series`][dlm_decode.ablate.plots.frontier_series].
 
     Args:
         table: the summary rows of one task.
@@ -58,64 +115,119 @@ def plot_frontier(
         ``path``.
     """
     plt = _plt()
-    by_id = {r.run_id: r for r in runs}
-    lengths = sorted({(t["gen_length"], t["block_length"]) for t in table})
-    caches = sorted({t["cache"] for t in table})
-    families = list(dict.fromkeys(t["family"] for t in table))
     colors = plt.get_cmap("tab10")
-    # (family, cache, length, setting) → mean over seeds
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for t in table:
-        key = (t["family"], t["cache"], (t["gen_length"], t["block_length"]), t["setting"])
-        groups.setdefault(key, []).append(t)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    families = list(dict.fromkeys(t["policy_family"] for t in table))
+    labels = list(frontier_series(table, runs, "tokens_per_s"))
+    # The legend sits below the panels, in as many rows as it needs, so it never covers
+    # a point however many lines there are.
+    ncol = max(1, min(len(labels), 3 if max(map(len, labels), default=0) > 40 else 4))
+    legend_h = 0.25 * -(-len(labels) // ncol) + 0.2  # inches
+    height = 5.2 + legend_h
+    fig, axes = plt.subplots(1, 3, figsize=(19, height))
     for ax, xkey, xlabel in (
         (axes[0], "tokens_per_s", "throughput (response tokens / s)"),
         (axes[1], "tokens_per_nfe", "tokens per NFE (parallelism)"),
+        (axes[2], "token_forwards_per_sample", "token-forwards per sample (compute cost)"),
     ):
-        for fi, fam in enumerate(families):
-            for ci, cache in enumerate(caches):
-                for li, length in enumerate(lengths):
-                    pts = []
-                    for (f, c, ln, _), ts in groups.items():
-                        if f == fam and c == cache and ln == length:
-                            x = sum(t[xkey] for t in ts) / len(ts)
-                            y = sum(t["accuracy"] for t in ts) / len(ts)
-                            pts.append((x, y, _short(by_id[ts[0]["run_id"]])))
-                    if not pts:
-                        continue
-                    pts.sort()
-                    label = fam
-                    if len(caches) > 1:
-                        label += f" / {cache}"
-                    if len(lengths) > 1:
-                        label += f" / g{length[0]}b{length[1]}"
-                    ax.plot(
-                        [p[0] for p in pts],
-                        [p[1] for p in pts],
-                        linestyle=_STYLES[ci % len(_STYLES)],
-                        marker=_MARKERS[(ci + li) % len(_MARKERS)],
-                        color=colors(fi % 10),
-                        label=label,
-                        markersize=7,
-                        linewidth=1.8,
+        for si, (label, pts) in enumerate(frontier_series(table, runs, xkey).items()):
+            fi = families.index(label.split(" / ")[0])
+            color = colors(fi % 10)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                linestyle=_STYLES[si % len(_STYLES)],
+                marker=_MARKERS[si % len(_MARKERS)],
+                color=color,
+                label=label,
+                markersize=7,
+                linewidth=1.8,
+            )
+            for x, y, lab in pts:
+                if lab:
+                    ax.annotate(
+                        lab,
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 5),
+                        fontsize=8,
+                        color=color,
                     )
-                    for x, y, lab in pts:
-                        if lab:
-                            ax.annotate(
-                                lab,
-                                (x, y),
-                                textcoords="offset points",
-                                xytext=(4, 5),
-                                fontsize=8,
-                                color=colors(fi % 10),
-                            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(title + "  (labels: policy parameter)", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_h / height, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_caches(table: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Accuracy against token-forwards per sample, a panel per gen/block length and a
+    point per cache × setting (colour: setting; label: cache). Seeds are averaged.
+
+    Args:
+        table: the summary rows of one task (two caches or more).
+        path: output PNG.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    plt = _plt()
+    colors = plt.get_cmap("tab10")
+    lengths = sorted({(t["gen_length"], t["block_length"]) for t in table})
+    settings = list(dict.fromkeys(t["setting"] for t in table))
+    caches = list(dict.fromkeys(t["cache"] for t in table))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(7.2 * len(lengths), 5.4), squeeze=False)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        for si, setting in enumerate(settings):
+            for ci, cache in enumerate(caches):
+                ts = [
+                    t
+                    for t in table
+                    if t["setting"] == setting
+                    and t["cache"] == cache
+                    and (t["gen_length"], t["block_length"]) == length
+                ]
+                if not ts:
+                    continue
+                x = sum(t["token_forwards_per_sample"] for t in ts) / len(ts)
+                y = sum(t["accuracy"] for t in ts) / len(ts)
+                ax.scatter(
+                    x,
+                    y,
+                    s=55,
+                    color=colors(si % 10),
+                    marker=_MARKERS[ci % len(_MARKERS)],
+                    label=setting if ci == 0 else None,
+                )
+                ax.annotate(  # alternate sides so neighbouring caches stay readable
+                    cache.split("(")[0],  # the marker legend names the arguments
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(5, 4 if ci % 2 == 0 else -11),
+                    fontsize=8,
+                    color=colors(si % 10),
+                )
+        ax.set_title(f"gen {length[0]}, block {length[1]}", fontsize=10)
+        ax.set_xlabel("token-forwards per sample (positions computed)")
+        ax.set_ylabel("accuracy")
+        ax.margins(x=0.12, y=0.12)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best", title="setting", title_fontsize=8)
+    marks = [
+        plt.Line2D([], [], marker=_MARKERS[ci % len(_MARKERS)], color="0.35", linestyle="", label=c)
+        for ci, c in enumerate(caches)
+    ]
+    ncol = 2 if max(map(len, caches)) > 40 else 4
+    legend_h = 0.25 * -(-len(caches) // ncol) + 0.3  # inches
+    fig.set_figheight(5.4 + legend_h)
+    fig.legend(handles=marks, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, legend_h / (5.4 + legend_h), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -171,52 +283,57 @@ def plot_commits_per_step(
 
 
 def plot_profiles(
-    steps: Sequence[tuple[str, list[float], int]], margin: float | None, path: Path, title: str
+    steps: Sequence[tuple[str, list[float], int]],
+    policy: CommitPolicy | None,
+    path: Path,
+    title: str,
 ) -> Path:
-    """Sorted confidence profiles with ``G_n``, ``F_n`` and ``B_n`` per prefix size.
+    """Sorted confidence profiles, each with the traced policy's own criterion.
+
+    Every masked position of the step is drawn. A
+    [`CountPolicy`][dlm_decode.interfaces.CountPolicy] that declares a
+    [`criterion`][dlm_decode.interfaces.CountPolicy.criterion] gets its per-prefix values
+    and its bound (``threshold``: ``c(n)`` vs τ; ``factor``: ``(n+1)(1−c(n))`` vs f;
+    ``frechet``: ``G_n`` vs δ); other policies show the profile and the committed count.
 
     Args:
         steps: ``(caption, sorted profile, committed count)`` per panel.
-        margin: δ of the driving policy (drawn as a line), or ``None``.
+        policy: the policy that decoded.
         path: output PNG.
         title: figure title.
 
     Returns:
         ``path``.
     """
-    import torch
-
-    from dlm_decode.frechet import frechet_scores
-
     plt = _plt()
     k = len(steps)
     fig, axes = plt.subplots(1, k, figsize=(4.6 * k, 4.4), squeeze=False)
     for i, (caption, prof, committed) in enumerate(steps):
         ax = axes[0][i]
         c = torch.tensor(prof, dtype=torch.float64)
-        s = frechet_scores(c)
-        show = min(len(prof), max(committed + 5, 8), 24)
-        n = list(range(1, show + 1))
-        ax.bar(n, c[:show].tolist(), color="0.82", label="c(n) sorted confidence")
-        ax.plot(n, s.gap[:show].tolist(), "o-", color="tab:blue", label="G_n Fréchet score")
-        ax.plot(
-            n, s.factor_core[:show].tolist(), "s--", color="tab:orange", label="F_n factor core"
-        )
-        ax.plot(
-            n, s.bonus[:show].tolist(), "^:", color="tab:green", label="B_n heterogeneity bonus"
-        )
-        if margin is not None:
-            ax.axhline(margin, color="tab:red", linewidth=1, label=f"δ = {margin:g}")
+        n = list(range(1, len(prof) + 1))
+        ax.bar(n, prof, color="0.82", label="c(n) sorted confidence")
+        lo, hi = 0.0, 1.05
+        crit = policy.criterion(c) if isinstance(policy, CountPolicy) else None
+        if crit is not None:
+            vals = crit.values.tolist()
+            ax.plot(n, vals, "o-", color="tab:blue", label=crit.name)
+            ax.axhline(
+                crit.bound,
+                color="tab:red",
+                linewidth=1,
+                label=f"{crit.bound_name} = {format_value(crit.bound)}",
+            )
+            lo, hi = min(lo, min(vals) - 0.05), max(hi, max(vals) + 0.1, crit.bound + 0.1)
         ax.axvline(committed + 0.5, color="black", linestyle="--", linewidth=1, label="committed")
-        vals = [*s.gap[:show].tolist(), *s.bonus[:show].tolist(), 1.0]
-        ax.set_ylim(-1.05, max(1.05, max(vals) + 0.1))
-        ax.set_xlim(0.4, show + 0.6)
+        ax.set_ylim(max(lo, -1.05), hi)
+        ax.set_xlim(0.4, len(prof) + 0.6)
         ax.set_xlabel("prefix size n")
         ax.set_title(caption, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("value (F_n clipped at −1)")
+    axes[0][0].set_ylabel("value")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8.5, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8.5, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
@@ -255,25 +372,26 @@ def _pick_examples(
     sample_id: str,
 ) -> list[tuple[str, dict[str, Any]]]:
     """One run per family (its middle setting), first length and cache, baseline first."""
-    length, cache, seed = cfg.lengths[0], cfg.caches[0].name, cfg.seeds[0]
+    length, seed = cfg.lengths[0], cfg.seeds[0]
+    first_cache = next((r.cache for r in runs if r.task_index == ti), None)
     cand = [
         r
         for r in runs
         if r.task_index == ti
-        and r.cache == cache
+        and r.cache == first_cache
         and r.seed == seed
         and (r.gen_length, r.block_length) == (length.gen_length, length.block_length)
     ]
     fams: dict[str, list[RunSpec]] = {}
     for r in cand:
-        fams.setdefault(r.setting.family, []).append(r)
+        fams.setdefault(r.setting.family_label, []).append(r)
     by_key = {(r["run_id"], r["sample_id"]): r for r in rows}
     out = []
     for members in fams.values():
         pick = members[(len(members) - 1) // 2]
         row = by_key.get((pick.run_id, sample_id))
         if row is not None:
-            out.append((pick.setting.label, row))
+            out.append((pick.setting_label, row))
     return out
 
 
@@ -288,11 +406,6 @@ def draw_all(
     out: Path,
 ) -> dict[str, Path]:
     """Draw every plot of the sweep; returns ``name → path``."""
-    from dlm_decode.ablate.counterfactual import resolve_policies
-    from dlm_decode.config import DecodeConfig
-    from dlm_decode.decoder import Decoder
-    from dlm_decode.evaluate import _task_chat, encode_prompts
-
     files: dict[str, Path] = {}
     multi = len(cfg.tasks) > 1
     for ti, tspec in enumerate(cfg.tasks):
@@ -306,35 +419,39 @@ def draw_all(
             out / f"frontier{suf}.png",
             f"{cfg.name}: {tspec.name}, accuracy vs throughput (n={sub[0]['n']})",
         )
+        if len({t["cache"] for t in sub}) > 1:
+            files[f"caches{suf}"] = plot_caches(
+                sub,
+                out / f"caches{suf}.png",
+                f"{cfg.name}: {tspec.name}, accuracy vs compute per cache (n={sub[0]['n']})",
+            )
         if not samples[ti]:
             continue
         idx = min(cfg.plots.example_sample, len(samples[ti]) - 1)
         sample = samples[ti][idx]
         ex = _pick_examples(cfg, runs, rows, ti, sample.id)
         length = cfg.lengths[0]
+        ex_cache = next((r.cache for r in runs if r.task_index == ti), "")
         if ex:
             files[f"commits_per_step{suf}"] = plot_commits_per_step(
                 ex,
                 out / f"commits_per_step{suf}.png",
                 f"{tspec.name} sample {sample.id}: tokens committed per step "
-                f"(cache {cfg.caches[0].name}, gen {length.gen_length}, "
+                f"(cache {ex_cache}, gen {length.gen_length}, "
                 f"block {length.block_length})",
             )
         # Traced decode of the example for the profile plot.
-        ref = cfg.plots.profile_policy
-        ((label, (pol, _)),) = resolve_policies([(ref.policy, ref.args, ref.steps)]).items()
-        model = model_fn()
-        prompt = encode_prompts(model, [sample.prompt], chat=_task_chat(tasks[ti], model))
-        dcfg = DecodeConfig(
-            policy=ref.policy,
-            policy_args=ref.args,
-            cache=cfg.caches[0].name,
-            cache_args=cfg.caches[0].args,
+        traced = resolve_setting(
+            cfg.plots.profile_policy,
+            cache=cfg.caches[0],
             gen_length=length.gen_length,
             block_length=length.block_length,
-            steps=ref.steps or (length.gen_length if pol.requires else None),
             trace=True,
         )
+        label = setting_label(traced.policy_ref, traced.config.steps)
+        model = model_fn()
+        prompt = encode_prompts(model, [sample.prompt], chat=task_uses_chat(tasks[ti], model))
+        dcfg = traced.config
         res = Decoder(model, dcfg).generate(prompt)
         trace = [st for st in (res.trace or []) if len(st.profiles[0]) >= 3]
         if not trace:
@@ -350,10 +467,9 @@ def draw_all(
             )
             for i in sorted(chosen)
         ]
-        margin = getattr(pol.params, "margin", None)
         files[f"profiles{suf}"] = plot_profiles(
             panels,
-            margin,
+            traced.policy,
             out / f"profiles{suf}.png",
             f"{tspec.name} sample {sample.id}: sorted confidence profiles under {label}",
         )

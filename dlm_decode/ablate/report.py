@@ -9,16 +9,29 @@ import io
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlm_decode.ablate.config import AblationConfig, RunSpec, baseline_matches
-from dlm_decode.ablate.runner import SweepResult
+from dlm_decode.ablate.config import (
+    AblationConfig,
+    RunSpec,
+    Setting,
+    baseline_matches,
+    cache_matches,
+    resolve_setting,
+)
+from dlm_decode.ablate.counterfactual import commit_audit, counterfactual_trace
+from dlm_decode.ablate.plots import draw_all
 from dlm_decode.ablate.store import atomic_write_text, read_sweep_rows
+from dlm_decode.ablate.tracking import log_sweep
+from dlm_decode.evaluate import encode_prompts, summarize, task_uses_chat
+from dlm_decode.models.loading import load_model
 
 __all__ = [
     "TABLE_COLUMNS",
     "TIMING_COLUMNS",
+    "SweepResult",
     "build_table",
     "finish_sweep",
     "format_markdown",
@@ -26,13 +39,37 @@ __all__ = [
     "table_csv",
 ]
 
+
+@dataclass
+class SweepResult:
+    """What ``run_sweep`` returns (complete on rank 0; other ranks get ``rows=None``).
+
+    Attributes:
+        out_dir: the sweep folder.
+        runs: the runs of the grid.
+        rows: every row of the current grid (rank 0 after the merge).
+        table: one summary dict per run.
+        files: the files written (table, plots, reports).
+        decoded: samples this invocation decoded (this rank).
+    """
+
+    out_dir: Path
+    runs: list[RunSpec]
+    rows: list[dict[str, Any]] | None = None
+    table: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+    decoded: int = 0
+
+
 #: Columns of ``summary.csv`` (and the Markdown table, which shows a subset).
 TABLE_COLUMNS = [
     "run_id",
     "task",
-    "family",
+    "policy_family",
     "setting",
+    "policy_key",
     "cache",
+    "cache_key",
     "gen_length",
     "block_length",
     "seed",
@@ -41,6 +78,7 @@ TABLE_COLUMNS = [
     "tokens_per_s",
     "nfe_per_sample",
     "tokens_per_nfe",
+    "token_forwards_per_sample",
     "speedup",
     "nfe_reduction",
     "is_baseline",
@@ -54,15 +92,15 @@ def _find_baseline(cfg: AblationConfig, run: RunSpec, runs: Sequence[RunSpec]) -
     sel = cfg.baseline
     if sel is None:
         return None
-    cache = sel.cache or run.cache
     for r in runs:
+        same_cache = cache_matches(sel.cache, r.cache_ref) if sel.cache else r.cache == run.cache
         if (
             r.task_index == run.task_index
             and r.gen_length == run.gen_length
             and r.block_length == run.block_length
             and r.seed == run.seed
-            and r.cache == cache
-            and baseline_matches(sel, r.policy_key, r.setting.policy, r.policy_args)
+            and same_cache
+            and baseline_matches(sel, r.policy_key, r.setting.policy.name, r.policy_args)
         ):
             return r
     return None
@@ -83,8 +121,6 @@ def build_table(
     Returns:
         The table rows (runs without any row are left out).
     """
-    from dlm_decode.evaluate import summarize
-
     by_run: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_run.setdefault(str(r["run_id"]), []).append(r)
@@ -103,6 +139,7 @@ def build_table(
             "tokens_per_s": s["tokens_per_s"],
             "nfe_per_sample": s["nfe_per_sample"],
             "tokens_per_nfe": s["tokens_per_nfe"],
+            "token_forwards_per_sample": s["token_forwards_per_sample"],
             "wall_s": s["wall_s"],
             "speedup": s["tokens_per_s"] / b["tokens_per_s"] if b else float("nan"),
             "nfe_reduction": b["nfe_per_sample"] / s["nfe_per_sample"] if b else float("nan"),
@@ -129,7 +166,16 @@ def format_markdown(table: Sequence[dict[str, Any]], title: str = "") -> str:
     head = ["task", "setting", "cache", "gen/block"]
     if multi_seed:
         head.append("seed")
-    head += ["n", "accuracy", "tokens/s", "NFE/sample", "tokens/NFE", "speed-up", "NFE reduction"]
+    head += [
+        "n",
+        "accuracy",
+        "tokens/s",
+        "NFE/sample",
+        "tokens/NFE",
+        "token-fwd/sample",
+        "speed-up",
+        "NFE reduction",
+    ]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" for _ in head) + "|")
     for t in table:
@@ -147,6 +193,7 @@ def format_markdown(table: Sequence[dict[str, Any]], title: str = "") -> str:
             _num(t["tokens_per_s"], 1),
             _num(t["nfe_per_sample"], 1),
             _num(t["tokens_per_nfe"], 2),
+            _num(float(t.get("token_forwards_per_sample", float("nan"))), 0),
             "–" if math.isnan(t["speedup"]) else f"{t['speedup']:.2f}x",
             "–" if math.isnan(t["nfe_reduction"]) else f"{t['nfe_reduction']:.2f}x",
         ]
@@ -160,7 +207,7 @@ def format_markdown(table: Sequence[dict[str, Any]], title: str = "") -> str:
 
 
 def table_csv(table: Sequence[dict[str, Any]]) -> str:
-    """The summary table as CSV text (all :data:`TABLE_COLUMNS` plus ``accuracy_*``)."""
+    """The summary table as CSV text (all ``TABLE_COLUMNS`` plus ``accuracy_*``)."""
     extra = sorted({k for t in table for k in t if k.startswith("accuracy_")})
     cols = [*TABLE_COLUMNS, "wall_s", *extra]
     buf = io.StringIO()
@@ -186,8 +233,6 @@ class _LazyModel:
 
     def __call__(self) -> Any:
         if self._m is None:
-            from dlm_decode.models import load_model
-
             self._m = load_model(
                 self.cfg.model.name, device=self.device, dtype=self.cfg.model.dtype
             )
@@ -195,18 +240,17 @@ class _LazyModel:
 
 
 def _prompts(model: Any, task: Any, samples: Sequence[Any]) -> list[list[int]]:
-    from dlm_decode.evaluate import _task_chat, encode_prompts
-
-    return encode_prompts(model, [s.prompt for s in samples], chat=_task_chat(task, model))
+    return encode_prompts(model, [s.prompt for s in samples], chat=task_uses_chat(task, model))
 
 
-def _unique_settings(runs: Sequence[RunSpec]) -> list[RunSpec]:
+def _unique_settings(runs: Sequence[RunSpec]) -> list[Setting]:
+    """The grid's distinct policy settings, resolved (every argument, steps as decoded)."""
     seen, out = set(), []
     for r in runs:
         key = (r.policy_key, json.dumps(r.policy_args, sort_keys=True), r.steps)
         if key not in seen:
             seen.add(key)
-            out.append(r)
+            out.append(Setting(policy=r.policy_ref, steps=r.steps))
     return out
 
 
@@ -218,15 +262,9 @@ def _counterfactual_report(
     model_fn: Callable[[], Any],
     out: Path,
 ) -> tuple[str, dict[str, Any]]:
-    from dlm_decode.ablate.counterfactual import counterfactual_trace
-    from dlm_decode.config import DecodeConfig
-
     spec = cfg.counterfactual
     length = cfg.lengths[0]
-    if spec.policies is not None:
-        pols = [(p.policy, p.args, p.steps) for p in spec.policies]
-    else:
-        pols = [(r.setting.policy, r.setting.args, r.steps) for r in _unique_settings(runs)]
+    pols = spec.policies if spec.policies is not None else _unique_settings(runs)
     model = model_fn()
     lines = ["## Counterfactual trace", ""]
     data: dict[str, Any] = {}
@@ -234,17 +272,14 @@ def _counterfactual_report(
         sub = list(samples[ti][: spec.samples])
         if not sub:
             continue
-        d = spec.driver
-        dcfg = DecodeConfig(
-            policy=d.policy,
-            policy_args=d.args,
-            cache=cfg.caches[0].name,
-            cache_args=cfg.caches[0].args,
+        driver = resolve_setting(
+            spec.driver,
+            cache=cfg.caches[0],
             gen_length=length.gen_length,
             block_length=length.block_length,
-            steps=d.steps,
             seed=cfg.seeds[0],
         )
+        dcfg = driver.config
         tr = counterfactual_trace(model, _prompts(model, task, sub), dcfg, pols)
         path = out / f"counterfactual.{cfg.tasks[ti].name}.csv"
         tr.write_csv(path)
@@ -260,7 +295,8 @@ def _counterfactual_report(
             "csv": path.name,
         }
         lines += [
-            f"Task `{cfg.tasks[ti].name}`, driver `{tr.driver}`, cache `{dcfg.cache}`, "
+            f"Task `{cfg.tasks[ti].name}`, driver `{tr.driver}`, cache "
+            f"`{driver.cache_ref.label}`, "
             f"{len(sub)} samples, {steps} (step, sample) pairs; per-step table: `{path.name}`.",
             "",
             "| policy | mean tokens/step | steps above the driver |",
@@ -280,15 +316,9 @@ def _audit_report(
     model_fn: Callable[[], Any],
     out: Path,
 ) -> tuple[str, list[dict[str, Any]]]:
-    from dlm_decode.ablate.counterfactual import commit_audit
-    from dlm_decode.config import DecodeConfig
-
     spec = cfg.audit
     length = cfg.lengths[0]
-    if spec.policies is not None:
-        pols = [(p.policy, p.args, p.steps) for p in spec.policies]
-    else:
-        pols = [(r.setting.policy, r.setting.args, r.steps) for r in _unique_settings(runs)]
+    pols = spec.policies if spec.policies is not None else _unique_settings(runs)
     model = model_fn()
     summaries = []
     records = []
@@ -297,20 +327,14 @@ def _audit_report(
         if not sub:
             continue
         prompts = _prompts(model, task, sub)
-        for name, args, steps in pols:
-            from dlm_decode.api import get_policy_class
-
-            if steps is None and "steps" in get_policy_class(name).requires:
-                steps = length.gen_length
-            dcfg = DecodeConfig(
-                policy=name,
-                policy_args=args,
+        for setting in pols:
+            dcfg = resolve_setting(
+                setting,
                 cache=spec.cache,
                 gen_length=length.gen_length,
                 block_length=length.block_length,
-                steps=steps,
                 seed=cfg.seeds[0],
-            )
+            ).config
             res = commit_audit(model, prompts, dcfg, every=spec.every, max_steps=spec.max_steps)
             s = {"task": cfg.tasks[ti].name, **res.summary()}
             summaries.append(s)
@@ -325,7 +349,7 @@ def _audit_report(
         "## Commit audit",
         "",
         f"Each audited step's parallel commit re-decoded one token at a time (fresh forwards, "
-        f"cache `{spec.cache}`, greedy); {spec.samples} samples per task. Per-step records: "
+        f"cache `{spec.cache.label}`, greedy); {spec.samples} samples per task. Per-step records: "
         f"`{path.name}`.",
         "",
         "| task | policy | audited steps | parallel steps | mean parallel commit | "
@@ -389,8 +413,6 @@ def finish_sweep(
     sections = [f"# Ablation `{cfg.name}`", "", cfg.description, "", md, ""]
     extra: dict[str, Any] = {}
     if plots and cfg.plots.enabled and table:
-        from dlm_decode.ablate.plots import draw_all
-
         try:
             figs = draw_all(cfg, runs, rows, table, tasks, samples, model_fn, out)
         except ImportError as exc:
@@ -413,8 +435,6 @@ def finish_sweep(
     atomic_write_text(out / "report.md", "\n".join(sections) + "\n")
     result.files["report"] = out / "report.md"
     if use_wandb and cfg.wandb.enabled:
-        from dlm_decode.ablate.tracking import log_sweep
-
         log_sweep(cfg, out, runs, rows, table, result.files, extra, say=say)
     say(f"results in {out}")
     return result

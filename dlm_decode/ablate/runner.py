@@ -25,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from tqdm.auto import tqdm
 
+import dlm_decode
 from dlm_decode.ablate.config import AblationConfig, RunSpec, expand_runs
+from dlm_decode.ablate.report import SweepResult, finish_sweep
 from dlm_decode.ablate.store import (
     RowStore,
     atomic_write_text,
@@ -35,6 +39,9 @@ from dlm_decode.ablate.store import (
     rank_file,
     read_sweep_rows,
 )
+from dlm_decode.decoder import Decoder
+from dlm_decode.evaluate import decode_and_score, get_task
+from dlm_decode.models.loading import load_model, resolve_device
 
 __all__ = [
     "DistInfo",
@@ -71,7 +78,7 @@ def dist_info(cpu: bool) -> DistInfo:
         cpu: the sweep runs on CPU (accelerate then uses the gloo backend).
 
     Returns:
-        The :class:`DistInfo`.
+        The [`DistInfo`][dlm_decode.ablate.runner.DistInfo].
     """
     world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_env <= 1:
@@ -130,9 +137,6 @@ def _cpu_name() -> str:
 
 def environment_info(cfg: AblationConfig, device: str, world: int) -> dict[str, Any]:
     """Versions, hardware and seeds of this invocation (``environment.json``)."""
-    import torch
-
-    import dlm_decode
 
     def version(mod: str) -> str | None:
         try:
@@ -164,27 +168,6 @@ def environment_info(cfg: AblationConfig, device: str, world: int) -> dict[str, 
     }
 
 
-@dataclass
-class SweepResult:
-    """What :func:`run_sweep` returns (complete on rank 0; other ranks get ``rows=None``).
-
-    Attributes:
-        out_dir: the sweep folder.
-        runs: the runs of the grid.
-        rows: every row of the current grid (rank 0 after the merge).
-        table: one summary dict per run.
-        files: the files written (table, plots, reports).
-        decoded: samples this invocation decoded (this rank).
-    """
-
-    out_dir: Path
-    runs: list[RunSpec]
-    rows: list[dict[str, Any]] | None = None
-    table: list[dict[str, Any]] = field(default_factory=list)
-    files: dict[str, Path] = field(default_factory=dict)
-    decoded: int = 0
-
-
 def decode_batch(
     model: Any,
     task: Any,
@@ -204,9 +187,6 @@ def decode_batch(
     Returns:
         One row per sample.
     """
-    from dlm_decode.decoder import Decoder
-    from dlm_decode.evaluate import decode_and_score
-
     samples = [s for _, s in batch]
     cfg = run.decode_config()
     groups: list[tuple[list[int], Any]] = []
@@ -259,20 +239,13 @@ def run_sweep(
         log: where status lines go (default stderr).
 
     Returns:
-        A :class:`SweepResult`.
+        A [`SweepResult`][dlm_decode.ablate.report.SweepResult].
     """
-    from tqdm.auto import tqdm
-
-    from dlm_decode.evaluate import get_task
-    from dlm_decode.models.loading import load_model, resolve_device
-
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or cfg.model.device)
     if cfg.model.threads is not None:
-        import torch
-
         torch.set_num_threads(cfg.model.threads)
     dist = dist_info(cpu=dev == "cpu")
     rank, world = dist.rank, dist.world
@@ -338,8 +311,6 @@ def run_sweep(
     if rank != 0:
         return result
     merge_rank_files(out)
-    from dlm_decode.ablate.report import finish_sweep
-
     return finish_sweep(
         cfg,
         out,

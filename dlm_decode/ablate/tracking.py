@@ -26,7 +26,14 @@ from typing import Any
 from dlm_decode.ablate.config import AblationConfig, RunSpec
 from dlm_decode.ablate.store import atomic_write_text
 
-__all__ = ["SUMMARY_KEYS", "WandbMissingError", "log_sweep", "resolve_mode", "sample_metrics"]
+__all__ = [
+    "SUMMARY_KEYS",
+    "WandbMissingError",
+    "import_wandb",
+    "log_sweep",
+    "resolve_mode",
+    "sample_metrics",
+]
 
 #: Summary metrics logged per run (the table's numeric columns).
 SUMMARY_KEYS = (
@@ -35,6 +42,7 @@ SUMMARY_KEYS = (
     "tokens_per_s",
     "nfe_per_sample",
     "tokens_per_nfe",
+    "token_forwards_per_sample",
     "speedup",
     "nfe_reduction",
     "wall_s",
@@ -72,7 +80,9 @@ def resolve_mode(configured: str | None) -> str | None:
     return None if _has_api_key() else "offline"
 
 
-def _import_wandb() -> Any:
+def import_wandb() -> Any:
+    """``import wandb``, or a [`WandbMissingError`][dlm_decode.ablate.tracking.WandbMissingError]
+    that says how to install it."""
     try:
         import wandb
     except ImportError as exc:
@@ -91,6 +101,7 @@ def sample_metrics(row: dict[str, Any]) -> dict[str, float]:
         "sample/nfe": int(nfe),
         "sample/response_tokens": int(row["response_tokens"]),
         "sample/tokens_per_nfe": row["response_tokens"] / nfe if nfe else 0.0,
+        "sample/token_forwards": int(row.get("token_forwards", 0)),
         "sample/latency_s": float(row["latency_s"]),
     }
 
@@ -127,7 +138,7 @@ def log_sweep(
     Returns:
         The run ids logged by this call.
     """
-    wandb = _import_wandb()
+    wandb = import_wandb()
     mode = resolve_mode(cfg.wandb.mode)
     marker = out / "wandb_logged.json"
     logged: list[str] = json.loads(marker.read_text()) if marker.exists() else []

@@ -3,7 +3,8 @@
 * [`LLaDAModel`][dlm_decode.models.llada.LLaDAModel] (``llada``) and
   [`DreamModel`][dlm_decode.models.dream.DreamModel] (``dream``): native PyTorch
   implementations over one shared transformer
-  ([`dlm_decode.models.transformer`][dlm_decode.models.transformer]);
+  ([`dlm_decode.models.transformer`][dlm_decode.models.transformer], pure ``nn`` code)
+  wrapped by [`NativeModel`][dlm_decode.models.native.NativeModel] (checkpoints);
 * [`load_model`][dlm_decode.models.loading.load_model]: ``"tiny"``, a local folder or a hub
   id, architecture detected through the plugin registry;
 * [`build_model`][dlm_decode.models.loading.build_model]: random weights built on a device;
@@ -17,16 +18,16 @@ from collections.abc import Callable
 from dlm_decode.hookspecs import hookimpl
 from dlm_decode.models.dream import DreamModel
 from dlm_decode.models.llada import LLaDAModel
-from dlm_decode.models.loading import PRESETS, build_model, load_model
-from dlm_decode.models.transformer import NativeModel
+from dlm_decode.models.loading import build_model, load_model, presets
+from dlm_decode.models.native import NativeModel
 
 __all__ = [
-    "PRESETS",
     "DreamModel",
     "LLaDAModel",
     "NativeModel",
     "build_model",
     "load_model",
+    "presets",
     "register_models",
 ]
 

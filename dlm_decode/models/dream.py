@@ -12,9 +12,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from dlm_decode.models.transformer import ArchSpec, NativeModel, require_key
+from dlm_decode.models.native import NativeModel, require_key
+from dlm_decode.models.transformer import ArchSpec
 
-__all__ = ["DreamModel"]
+__all__ = ["DREAM_BLOCK_CONFIG", "DreamModel"]
+
+#: The block-level keys of a Dream ``config.json`` the native model supports, with
+#: Dream-7B's values: shared by the ``dream-7b`` and ``dream-tiny`` presets.
+DREAM_BLOCK_CONFIG: dict[str, Any] = {
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-06,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "rope_scaling": None,
+    "use_sliding_window": False,
+}
 
 
 class DreamModel(NativeModel):
@@ -51,6 +63,40 @@ class DreamModel(NativeModel):
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
     known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {151643: 151645}
     tokenizer_fallbacks: ClassVar[tuple[str, ...]] = ("Qwen2TokenizerFast", "Qwen2Tokenizer")
+    #: ``dream-7b``: the released Dream-7B shape; ``dream-tiny``: a tiny random model.
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "dream-7b": {
+            "model_type": "Dream",
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "num_hidden_layers": 28,
+            "vocab_size": 152064,
+            "max_position_embeddings": 131072,
+            "mask_token_id": 151666,
+            "bos_token_id": 151643,
+            "eos_token_id": 151643,
+            "pad_token_id": 151643,
+            **DREAM_BLOCK_CONFIG,
+            "torch_dtype": "bfloat16",
+        },
+        "dream-tiny": {
+            "model_type": "Dream",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_hidden_layers": 2,
+            "vocab_size": 128,
+            "max_position_embeddings": 512,
+            "mask_token_id": 127,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+            **DREAM_BLOCK_CONFIG,
+        },
+    }
 
     @classmethod
     def spec_from_config(cls, config: Mapping[str, Any]) -> ArchSpec:

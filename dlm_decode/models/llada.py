@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from dlm_decode.models.transformer import ArchSpec, NativeModel, require_key
+from dlm_decode.models.native import NativeModel, require_key
+from dlm_decode.models.transformer import ArchSpec
 
 __all__ = ["LLADA_BLOCK_CONFIG", "LLaDAModel"]
 
@@ -66,6 +67,44 @@ class LLaDAModel(NativeModel):
     }
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ("<|eot_id|>",)
     known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {126081: 126348}
+    #: ``llada-8b``: the released LLaDA-8B shape (random weights for the GPU bench);
+    #: ``llada-tiny``: a tiny random model for tests.
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "llada-8b": {
+            "model_type": "llada",
+            "d_model": 4096,
+            "n_heads": 32,
+            "n_kv_heads": 32,
+            "n_layers": 32,
+            "mlp_hidden_size": 12288,
+            "mlp_ratio": 4,
+            "vocab_size": 126464,
+            "embedding_size": 126464,
+            "max_sequence_length": 4096,
+            "mask_token_id": 126336,
+            "eos_token_id": 126081,
+            "pad_token_id": 126081,
+            **LLADA_BLOCK_CONFIG,
+            "rope_theta": 500000.0,
+            "include_bias": False,
+            "alibi": False,
+        },
+        "llada-tiny": {
+            "model_type": "llada",
+            "d_model": 32,
+            "n_heads": 4,
+            "n_kv_heads": 4,
+            "n_layers": 2,
+            "mlp_hidden_size": 64,
+            "vocab_size": 128,
+            "embedding_size": 128,
+            "max_sequence_length": 512,
+            "mask_token_id": 127,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+            **LLADA_BLOCK_CONFIG,
+        },
+    }
 
     @classmethod
     def spec_from_config(cls, config: Mapping[str, Any]) -> ArchSpec:

@@ -2,341 +2,119 @@
 
 Architecture detection goes through the plugin registry: the ``model_type`` of
 ``config.json`` is matched against each registered model class's ``config_model_types``,
-so a third-party model plugin loads exactly like the built-ins.
+so a third-party model plugin loads exactly like the built-ins. Presets (named
+``config.json`` dicts such as ``llada-8b``) are declared by the model classes themselves
+([`Model.presets`][dlm_decode.interfaces.Model.presets]), so a model plugin adds its own.
+Nothing here is specific to one architecture.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dlm_decode.interfaces import Model
-from dlm_decode.models.llada import LLADA_BLOCK_CONFIG
+from dlm_decode.models.checkpoint import load_tokenizer, read_config
+from dlm_decode.registry import get_registry
 
 __all__ = [
-    "PRESETS",
     "TINY_FOLDER",
     "build_model",
     "find_model_class",
     "load_model",
-    "load_tokenizer",
-    "read_config",
-    "read_weights",
+    "preset_config",
+    "presets",
     "resolve_device",
-    "resolve_dtype",
     "resolve_model_folder",
 ]
 
 #: Where the shipped tiny model lives inside the package.
 TINY_FOLDER = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 
-#: ``config.json`` dicts for :func:`build_model`: the released 8B/7B shapes and tiny ones.
-PRESETS: dict[str, dict[str, Any]] = {
-    "llada-8b": {
-        "model_type": "llada",
-        "d_model": 4096,
-        "n_heads": 32,
-        "n_kv_heads": 32,
-        "n_layers": 32,
-        "mlp_hidden_size": 12288,
-        "mlp_ratio": 4,
-        "vocab_size": 126464,
-        "embedding_size": 126464,
-        "max_sequence_length": 4096,
-        "mask_token_id": 126336,
-        "eos_token_id": 126081,
-        "pad_token_id": 126081,
-        **LLADA_BLOCK_CONFIG,
-        "rope_theta": 500000.0,
-        "include_bias": False,
-        "alibi": False,
-    },
-    "dream-7b": {
-        "model_type": "Dream",
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "num_hidden_layers": 28,
-        "vocab_size": 152064,
-        "max_position_embeddings": 131072,
-        "mask_token_id": 151666,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
-        "pad_token_id": 151643,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-06,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "rope_scaling": None,
-        "use_sliding_window": False,
-        "torch_dtype": "bfloat16",
-    },
-    "llada-tiny": {
-        "model_type": "llada",
-        "d_model": 32,
-        "n_heads": 4,
-        "n_kv_heads": 4,
-        "n_layers": 2,
-        "mlp_hidden_size": 64,
-        "vocab_size": 128,
-        "embedding_size": 128,
-        "max_sequence_length": 512,
-        "mask_token_id": 127,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-        **LLADA_BLOCK_CONFIG,
-    },
-    "dream-tiny": {
-        "model_type": "Dream",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_hidden_layers": 2,
-        "vocab_size": 128,
-        "max_position_embeddings": 512,
-        "mask_token_id": 127,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-06,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "rope_scaling": None,
-        "use_sliding_window": False,
-    },
-}
-
-_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-}
-_SUPPORTED = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda|mps)(:(\d+))?$")
 
 
 def resolve_device(name: str | None) -> str:
     """The device to run on: ``name``, or ``cuda`` when one is available and ``name`` is
     ``None``, else ``cpu``.
 
+    Accepted names: ``cpu``, ``cuda``, ``cuda:N`` (an index below the number of GPUs
+    here) and ``mps`` (where PyTorch has it).
+
     Raises:
-        ValueError: ``name`` asks for CUDA and none is available (says to use ``cpu``).
+        ValueError: an unknown or malformed device name (``tpu``, ``meta``, ``cpu:5``,
+            ``""``), a CUDA device that is not here, or ``mps`` where it is not available;
+            the message says what is available.
     """
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: no CUDA device is available here; use cpu")
+    here = ["cpu"] + (
+        ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
+    m = _DEVICE_RE.match(name) if isinstance(name, str) else None
+    if m is None or (m[1] == "cpu" and m[2] is not None):
+        raise ValueError(
+            f"device {name!r} is not a device dlm_decode runs on; use one of: {', '.join(here)}"
+        )
+    kind = m[1]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA device is available here; use cpu")
+        if m[3] is not None and int(m[3]) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s); use one of: {', '.join(here[1:])}"
+            )
+    if kind == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError(f"device {name!r}: MPS is not available here; use cpu")
     return name
 
 
-def resolve_dtype(
-    dtype: torch.dtype | str | None,
-    config: Mapping[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-) -> torch.dtype:
-    """The weight dtype to use.
-
-    Args:
-        dtype: a torch dtype or a name (``"bfloat16"``, ``"bf16"``, ``"fp16"``, ``"float32"``,
-            ``"torch.float64"``, …); ``None`` for the default.
-        config: ``config.json`` dict; its ``torch_dtype`` (or ``dtype``) is the default.
-        device: without a config dtype, float32 on CPU and bfloat16 elsewhere.
-
-    Returns:
-        One of bfloat16, float16, float32, float64.
+def presets() -> dict[str, dict[str, Any]]:
+    """Every preset the registered model classes declare: name → ``config.json`` dict.
 
     Raises:
-        ValueError: an unknown or unsupported dtype.
+        ValueError: two model classes declare the same preset name.
     """
-    if dtype is None and config is not None:
-        dtype = config.get("torch_dtype") or config.get("dtype")
-    if dtype is None:
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    if isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key not in _DTYPES:
-            raise ValueError(
-                f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32, float64"
-            )
-        dtype = _DTYPES[key]
-    if dtype not in _SUPPORTED:
-        raise ValueError(f"unsupported weight dtype {dtype}; use bf16, fp16, fp32 or fp64")
-    return dtype
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """Read ``folder/config.json``.
-
-    Raises:
-        FileNotFoundError: no ``config.json`` in the folder.
-    """
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {Path(folder)}; is it a checkpoint folder?")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _weight_files(folder: Path) -> dict[str, Path]:
-    """Checkpoint name → safetensors file, from the index or the single file."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise FileNotFoundError(
-                f"{index} lists shards that are not in the folder: {', '.join(missing)}"
-            )
-        return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    raise FileNotFoundError(
-        f"no model.safetensors or model.safetensors.index.json in {folder} "
-        f"(only the safetensors format is supported)"
-    )
-
-
-def _listing(kind: str, names: list[str], limit: int = 10) -> str:
-    more = f", … ({len(names) - limit} more)" if len(names) > limit else ""
-    return f"{len(names)} {kind}: {', '.join(names[:limit])}{more}"
-
-
-def read_weights(
-    folder: str | Path,
-    expected: Mapping[str, tuple[int, ...]],
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    *,
-    what: str = "the model",
-) -> dict[str, torch.Tensor]:
-    """Read safetensors weights (one file or shards) straight onto a device.
-
-    Names and shapes are checked from the file headers before any tensor is read.
-
-    Args:
-        folder: checkpoint folder.
-        expected: checkpoint name → shape the architecture needs.
-        device: device the tensors are loaded onto.
-        dtype: dtype they are converted to.
-        what: how to name the architecture in errors.
-
-    Returns:
-        Checkpoint name → tensor.
-
-    Raises:
-        FileNotFoundError: no weights, or shards missing.
-        ValueError: missing, unexpected or wrong-shaped weights; lists the first names of
-            each kind and their count.
-    """
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    files = _weight_files(folder)
-    dev = str(torch.device(device))
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            for name in names:
-                if name in keys:
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(
-        f"{n} {shapes[n]} (expected {tuple(expected[n])})"
-        for n in set(shapes) & set(expected)
-        if shapes[n] != tuple(expected[n])
-    )
-    if missing or unexpected or wrong:
-        parts = [
-            _listing(kind, names)
-            for kind, names in (
-                ("missing weights", missing),
-                ("unexpected weights", unexpected),
-                ("wrong-shaped weights", wrong),
-            )
-            if names
-        ]
-        raise ValueError(f"checkpoint {folder} does not match {what}: " + "; ".join(parts))
-    out: dict[str, torch.Tensor] = {}
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt", device=dev) as f:
-            for name in names:
-                out[name] = f.get_tensor(name).to(dtype)
+    out: dict[str, dict[str, Any]] = {}
+    owner: dict[str, str] = {}
+    entries = get_registry().entries["model"]
+    for name in sorted(entries):
+        for cls in entries[name].values():
+            for preset, config in getattr(cls, "presets", {}).items():
+                if preset in out and owner[preset] != cls.__qualname__:
+                    raise ValueError(
+                        f"preset {preset!r} is declared by both {owner[preset]} and "
+                        f"{cls.__qualname__}; rename one"
+                    )
+                out[preset], owner[preset] = dict(config), cls.__qualname__
     return out
 
 
-def load_tokenizer(folder: str | Path, fallbacks: Iterable[str] = ()) -> Any:
-    """Load the tokenizer of a checkpoint folder, never running remote code.
+def preset_config(name: str) -> dict[str, Any]:
+    """The ``config.json`` dict of preset ``name`` (a copy).
 
-    Tries ``transformers.AutoTokenizer`` (``trust_remote_code=False``), then each class
-    named in ``fallbacks`` (e.g. ``Qwen2TokenizerFast`` for Dream, whose config names a
-    remote-code class).
-
-    Args:
-        folder: checkpoint folder.
-        fallbacks: transformers tokenizer class names to try after ``AutoTokenizer``.
-
-    Returns:
-        The tokenizer (with its chat template), or ``None`` when the folder has no
-        tokenizer files or none of the classes could load them (with a warning).
+    Raises:
+        ValueError: no registered model class declares ``name``.
     """
-    folder = Path(folder)
-    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        return None
-    import transformers
-
-    errors = []
-    # AutoTokenizer reads config.json and warns that it does not know `llada`/`Dream`
-    # model types; the tokenizer files are all it needs, so keep that warning quiet.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception as exc:  # fall through to the architecture's known classes
-        errors.append(f"AutoTokenizer: {exc}")
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    for name in fallbacks:
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            continue
-        try:
-            return cls.from_pretrained(str(folder))
-        except Exception as exc:
-            errors.append(f"{name}: {exc}")
-    warnings.warn(
-        f"could not load the tokenizer in {folder} ({'; '.join(errors)}); model.tokenizer is None",
-        stacklevel=2,
-    )
-    return None
+    known = presets()
+    if name not in known:
+        raise ValueError(
+            f"unknown preset {name!r}; presets: {', '.join(sorted(known))}, or pass a config dict"
+        )
+    return known[name]
 
 
 def resolve_model_folder(name_or_path: str | Path) -> Path:
@@ -378,8 +156,6 @@ def find_model_class(model_type: str) -> type[Model]:
     Raises:
         ValueError: no registered class loads ``model_type``, or several distinct ones do.
     """
-    from dlm_decode.registry import get_registry
-
     entries = get_registry().entries["model"]
     found = []
     known = []
@@ -435,12 +211,16 @@ def load_model(
 
     Examples:
         >>> from dlm_decode.models import load_model
-        >>> model = load_model("GSAI-ML/LLaDA-8B-Instruct", device="cuda")  # doctest: +SKIP
+        >>> model = load_model("tiny")
+        >>> type(model).__name__, model.mask_token_id == model.tokenizer.mask_token_id
+        ('LLaDAModel', True)
+
+        On a GPU with the hub: ``load_model("GSAI-ML/LLaDA-8B-Instruct", device="cuda")``.
     """
     folder = resolve_model_folder(name_or_path)
     config = read_config(folder)
     cls = find_model_class(_model_type(config, str(folder / "config.json")))
-    model = cls.from_pretrained(str(folder), device=device, dtype=dtype)
+    model = cls.from_pretrained(str(folder), device=device, dtype=dtype, config=config)
     if model.tokenizer is None:
         model.tokenizer = load_tokenizer(folder, getattr(cls, "tokenizer_fallbacks", ()))
     return model
@@ -460,11 +240,12 @@ def build_model(
 
     Args:
         arch_or_config: a preset name (``llada-8b``, ``dream-7b``, ``llada-tiny``,
-            ``dream-tiny``; see :data:`PRESETS`) or a ``config.json`` dict with a
+            ``dream-tiny``, or a model plugin's; see
+            [`presets`][dlm_decode.models.loading.presets]) or a ``config.json`` dict with a
             ``model_type``. A dict may name ``"preset"`` to start from one and override
             keys, e.g. ``{"preset": "llada-8b", "n_layers": 4}``.
         device: target device.
-        dtype: weight dtype; default as in :func:`load_model`.
+        dtype: weight dtype; default as in [`load_model`][dlm_decode.models.loading.load_model].
         seed: seed of the device-side generator.
 
     Returns:
@@ -475,19 +256,12 @@ def build_model(
         TypeError: the registered class cannot build random weights (no ``from_config``).
     """
     if isinstance(arch_or_config, str):
-        if arch_or_config not in PRESETS:
-            raise ValueError(
-                f"unknown preset {arch_or_config!r}; presets: {', '.join(PRESETS)}, or pass "
-                f"a config dict"
-            )
-        config = dict(PRESETS[arch_or_config])
+        config = preset_config(arch_or_config)
     else:
         config = dict(arch_or_config)
         base = config.pop("preset", None)
         if base is not None:
-            if base not in PRESETS:
-                raise ValueError(f"unknown preset {base!r}; presets: {', '.join(PRESETS)}")
-            config = {**PRESETS[base], **config}
+            config = {**preset_config(base), **config}
     cls = find_model_class(_model_type(config, "the config"))
     from_config = getattr(cls, "from_config", None)
     if from_config is None:

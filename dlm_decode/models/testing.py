@@ -1,11 +1,14 @@
 """Tiny random checkpoints in the exact Hugging Face layout, for tests across the project.
 
 Example:
-    >>> import torch
+    >>> import tempfile, torch
+    >>> from pathlib import Path
     >>> from dlm_decode.models import load_model
     >>> from dlm_decode.models.testing import write_random_checkpoint
-    >>> folder = write_random_checkpoint(tmp_path / "dream", "dream", shards=2)  # doctest: +SKIP
-    >>> model = load_model(folder, dtype=torch.float64)  # doctest: +SKIP
+    >>> folder = write_random_checkpoint(Path(tempfile.mkdtemp()) / "dream", "dream", shards=2)
+    >>> model = load_model(folder, dtype=torch.float64)
+    >>> type(model).__name__, model.logits_shift, model.dtype
+    ('DreamModel', 1, torch.float64)
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+
+from dlm_decode.models.loading import find_model_class, preset_config
 
 __all__ = ["TOKENIZER_FILES", "tiny_config", "write_char_tokenizer", "write_random_checkpoint"]
 
@@ -77,11 +83,9 @@ def tiny_config(arch: str = "llada", **dims: Any) -> dict[str, Any]:
     Raises:
         ValueError: unknown architecture or key.
     """
-    from dlm_decode.models.loading import PRESETS
-
     if arch not in _ALIASES:
         raise ValueError(f"unknown arch {arch!r}; use 'llada' or 'dream'")
-    config = dict(PRESETS[f"{arch}-tiny"])
+    config = preset_config(f"{arch}-tiny")
     aliases = _ALIASES[arch]
     if "vocab_size" in dims and "mask_token_id" not in dims:
         dims["mask_token_id"] = int(dims["vocab_size"]) - 1
@@ -100,9 +104,7 @@ def tiny_config(arch: str = "llada", **dims: Any) -> dict[str, Any]:
 
 
 def _known_keys(arch: str) -> set[str]:
-    from dlm_decode.models.loading import PRESETS
-
-    return set(PRESETS["llada-8b" if arch == "llada" else "dream-7b"])
+    return set(preset_config("llada-8b" if arch == "llada" else "dream-7b"))
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
@@ -145,15 +147,11 @@ def write_random_checkpoint(
         dtype: dtype the weights are stored in.
         tokenizer: ``None``; a folder whose tokenizer files are copied; or a transformers
             tokenizer (saved with ``save_pretrained``).
-        **dims: config overrides (see :func:`tiny_config`).
+        **dims: config overrides (see [`tiny_config`][dlm_decode.models.testing.tiny_config]).
 
     Returns:
         The folder.
     """
-    from safetensors.torch import save_file
-
-    from dlm_decode.models.loading import find_model_class
-
     config = tiny_config(arch, **dims)
     config["torch_dtype"] = _DTYPE_NAMES[dtype]
     cls = find_model_class(config["model_type"])
@@ -183,7 +181,8 @@ def write_random_checkpoint(
 
 
 def write_char_tokenizer(folder: str | Path) -> Path:
-    """Save a character-level tokenizer that fits :func:`tiny_config`'s LLaDA ids.
+    """Save a character-level tokenizer that fits
+    [`tiny_config`][dlm_decode.models.testing.tiny_config]'s LLaDA ids.
 
     Printable ASCII and newline, one token per character, decoding concatenates; EOS/pad id
     1 (``<|endoftext|>``) and mask id 127 (``<|mdm_mask|>``), the ids of a default tiny

@@ -1,11 +1,11 @@
-"""The shared native transformer behind LLaDA, Dream and the shipped tiny model.
+"""The shared native transformer behind LLaDA, Dream and the shipped tiny model: pure
+``torch.nn`` code, no checkpoint handling.
 
 One implementation of RMSNorm, rotary embeddings, attention and the SwiGLU MLP,
-parametrised by an :class:`ArchSpec`; the architectures differ only in their spec (biases,
-head counts, RoPE theta and precision, logits shift) and in how their checkpoint names the
-weights. :class:`NativeModel` turns the ``nn.Module`` into a
-[`Model`][dlm_decode.interfaces.Model]: it maps weight names, loads checkpoints, builds
-random weights on a device and fills in the special token ids.
+parametrised by an [`ArchSpec`][dlm_decode.models.transformer.ArchSpec]; the architectures
+differ only in their spec (biases, head counts, RoPE theta and precision) and in how their
+checkpoint names the weights, which
+[`NativeModel`][dlm_decode.models.native.NativeModel] handles.
 
 Attention is always bidirectional (``is_causal=False``) and runs through
 ``torch.nn.functional.scaled_dot_product_attention`` with a boolean key mask ``(B, 1, 1, T)``.
@@ -16,28 +16,23 @@ depends on the key only).
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlm_decode.interfaces import KVBuffer, Model
+from dlm_decode.interfaces import KVBuffer
 
 __all__ = [
     "ArchSpec",
     "Attention",
     "Block",
-    "NativeModel",
     "RMSNorm",
     "SwiGLU",
     "Transformer",
     "apply_rope",
-    "require_key",
     "rope_cos_sin",
 ]
 
@@ -185,17 +180,21 @@ class Attention(nn.Module):
         kv: KVBuffer | None,
         layer: int,
         start: int,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from the span ``x`` to the span itself or to all cached positions.
 
         Args:
             x: ``(B, S, d_model)`` normed hidden states of the span.
-            cos: ``(B, 1, S, hd)`` rotary cosines (see :func:`rope_cos_sin`).
+            cos: ``(B, 1, S, hd)`` rotary cosines (see
+                [`rope_cos_sin`][dlm_decode.models.transformer.rope_cos_sin]).
             sin: ``(B, 1, S, hd)`` rotary sines.
             mask: ``(B, 1, 1, T)`` bool key mask (true = attend), or ``None``.
             kv: buffer to write the span's K/V into and read all ``T`` positions from.
             layer: index of this layer in ``kv``.
             start: absolute position of the span's first row.
+            positions: ``(B, S)`` long buffer slots of the rows when they are not the
+                contiguous span at ``start`` (then K/V are scattered there).
 
         Returns:
             ``(B, S, d_model)``.
@@ -207,7 +206,12 @@ class Attention(nn.Module):
         k = self.k(x).view(b, s, hkv, hd).transpose(1, 2)  # (B, H_kv, S, hd)
         v = self.v(x).view(b, s, hkv, hd).transpose(1, 2)  # (B, H_kv, S, hd)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        if kv is not None:
+        if kv is not None and positions is not None:
+            idx = positions[:, None, :, None].expand(b, hkv, s, hd)  # (B, H_kv, S, hd)
+            kv.k[layer].scatter_(2, idx, k)
+            kv.v[layer].scatter_(2, idx, v)
+            k, v = kv.k[layer], kv.v[layer]  # (B, H_kv, T, hd)
+        elif kv is not None:
             kv.k[layer, :, :, start : start + s] = k
             kv.v[layer, :, :, start : start + s] = v
             k, v = kv.k[layer], kv.v[layer]  # (B, H_kv, T, hd)
@@ -261,15 +265,17 @@ class Block(nn.Module):
         kv: KVBuffer | None,
         layer: int,
         start: int,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv, layer, start)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv, layer, start, positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
     """Embedding, ``n_layers`` blocks, final RMSNorm and an LM head.
 
-    Parameter names (the internal layout :class:`NativeModel` maps checkpoint names onto):
+    Parameter names (the internal layout [`NativeModel`][dlm_decode.models.native.NativeModel] maps
+    checkpoint names onto):
     ``embed.weight``, ``blocks.{i}.attn_norm.weight``, ``blocks.{i}.attn.{q,k,v,o}.weight``
     (``.bias`` for q/k/v when ``qkv_bias``), ``blocks.{i}.mlp_norm.weight``,
     ``blocks.{i}.mlp.{gate,up,down}.weight``, ``norm.weight``, ``head.weight`` (absent when
@@ -297,31 +303,49 @@ class Transformer(nn.Module):
         ids: torch.Tensor,
         *,
         start: int = 0,
+        positions: torch.Tensor | None = None,
         kv: KVBuffer | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_rows: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
+        hidden_layers: Sequence[int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The [`Model.forward`][dlm_decode.interfaces.Model.forward] contract.
 
         Args:
-            ids: ``(B, S)`` token ids at positions ``[start, start + S)``.
-            start: absolute position of ``ids[:, 0]``.
+            ids: ``(B, S)`` token ids at positions ``[start, start + S)``, or at
+                ``positions``.
+            start: absolute position of ``ids[:, 0]`` (contiguous span).
+            positions: ``(B, S)`` long buffer slots of the rows (any set, per row) instead
+                of the contiguous span; needs ``kv``.
             kv: buffer to write the span's K/V into and attend over (all ``T`` positions);
                 ``None`` to attend over the span only.
             attention_mask: ``(B, T)`` bool key mask, false at padding; or ``None``.
-            position_ids: ``(B, S)`` RoPE positions; default ``start + arange(S)``.
+            position_ids: ``(B, S)`` RoPE positions; default ``start + arange(S)`` (or
+                ``positions``).
             logits_rows: ``(lo, hi)`` rows of the span to run through the norm and head.
+            hidden_layers: block indices (negative from the end) whose outputs to return.
 
         Returns:
-            ``(B, hi - lo, V)`` logits.
+            ``(B, hi - lo, V)`` logits; with ``hidden_layers``, ``(logits, hidden)`` where
+            ``hidden[i]`` is block ``i``'s output ``(B, S, d)`` for every row of the span.
 
         Raises:
             ValueError: inconsistent span, buffer or mask shapes.
         """
         spec = self.spec
         b, s = ids.shape
-        if kv is None:
+        if positions is not None:
+            if kv is None:
+                raise ValueError("positions need a KV buffer to scatter into")
+            if tuple(positions.shape) != (b, s):
+                raise ValueError(
+                    f"positions must be (B, S) = ({b}, {s}), got {tuple(positions.shape)}"
+                )
+            t = kv.max_length
+            if position_ids is None:
+                position_ids = positions
+        elif kv is None:
             if start != 0:
                 raise ValueError(f"start={start} needs a KV buffer; without one start must be 0")
             t = s
@@ -341,318 +365,20 @@ class Transformer(nn.Module):
         lo, hi = logits_rows if logits_rows is not None else (0, s)
         if not 0 <= lo <= hi <= s:
             raise ValueError(f"logits_rows ({lo}, {hi}) outside the span of {s} rows")
+        wanted = {i % spec.n_layers for i in (hidden_layers or ())}
+        hidden: dict[int, torch.Tensor] = {}
         x = self.embed(ids)  # (B, S, d)
         rope_dtype = x.dtype
         if spec.rope_full_precision:
             rope_dtype = torch.promote_types(x.dtype, torch.float32)
         cos, sin = rope_cos_sin(position_ids, spec.head_dim, spec.rope_theta, rope_dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, kv, i, start)  # (B, S, d)
+            x = block(x, cos, sin, mask, kv, i, start, positions)  # (B, S, d)
+            if i in wanted:
+                hidden[i] = x
+        if hidden_layers is not None:
+            hidden = {i: hidden[i % spec.n_layers] for i in hidden_layers}
         x = self.norm(x[:, lo:hi])  # (B, hi-lo, d)
         head = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(x, head)  # (B, hi-lo, V)
-
-
-# --------------------------------------------------------------------------------------
-# NativeModel: the Model plugin over Transformer
-# --------------------------------------------------------------------------------------
-
-
-def require_key(config: Mapping[str, Any], key: str, arch: str) -> Any:
-    """``config[key]``, or a ``ValueError`` naming the architecture and the missing key."""
-    if config.get(key) is None:
-        raise ValueError(f"{arch} config.json is missing the required key {key!r}")
-    return config[key]
-
-
-def _as_id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value)]
-
-
-class NativeModel(Model):
-    """A [`Model`][dlm_decode.interfaces.Model] backed by the native :class:`Transformer`.
-
-    Subclasses describe one checkpoint family: :meth:`spec_from_config` reads its
-    ``config.json``, the name tables map internal parameter names to checkpoint names, and
-    the token tables say which end-of-turn token to add to the EOS ids.
-
-    Attributes:
-        module: the ``nn.Module`` (for training or inspection; parameters do not require
-            grad after loading).
-        config: the ``config.json`` dict.
-        spec: the :class:`ArchSpec`.
-    """
-
-    #: Checkpoint name of each global submodule (``embed``, ``norm``, ``head``).
-    global_names: ClassVar[Mapping[str, str]] = {}
-    #: Checkpoint prefix of block ``i`` (``{i}`` is formatted in).
-    layer_prefix: ClassVar[str] = ""
-    #: Checkpoint name of each submodule of a block, relative to :attr:`layer_prefix`.
-    layer_names: ClassVar[Mapping[str, str]] = {}
-    #: Tokens that end a chat turn; their ids join the EOS ids when the tokenizer has them.
-    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()
-    #: Without a tokenizer: config EOS id → end-of-turn id of the released tokenizer.
-    known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {}
-    #: transformers tokenizer classes to try when ``AutoTokenizer`` cannot load the folder
-    #: without remote code.
-    tokenizer_fallbacks: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(
-        self,
-        module: Transformer,
-        config: Mapping[str, Any],
-        tokenizer: Any = None,
-    ) -> None:
-        self.module = module
-        self.config = dict(config)
-        self.spec = module.spec
-        self.tokenizer = tokenizer
-        self.vocab_size = self.spec.vocab_size
-        self.max_length = self.spec.max_length
-        self._set_special_ids()
-
-    # -- architecture description ----------------------------------------------------
-    @classmethod
-    @abstractmethod
-    def spec_from_config(cls, config: Mapping[str, Any]) -> ArchSpec:
-        """Read the :class:`ArchSpec` from a ``config.json`` dict.
-
-        Raises:
-            ValueError: a required key is missing or a feature is unsupported.
-        """
-
-    @classmethod
-    def weight_name_map(cls, spec: ArchSpec) -> dict[str, str]:
-        """Internal parameter name → checkpoint name, for every parameter of ``spec``."""
-        with torch.device("meta"):
-            names = list(Transformer(spec).state_dict())
-        out = {}
-        for name in names:
-            mod, param = name.rsplit(".", 1)
-            if mod.startswith("blocks."):
-                _, idx, sub = mod.split(".", 2)
-                ckpt = cls.layer_prefix.format(i=int(idx)) + cls.layer_names[sub]
-            else:
-                ckpt = cls.global_names[mod]
-            out[name] = f"{ckpt}.{param}"
-        return out
-
-    @classmethod
-    def expected_weight_names(cls, config: Mapping[str, Any]) -> list[str]:
-        """Sorted checkpoint weight names a checkpoint with this ``config.json`` must hold."""
-        return sorted(cls.weight_name_map(cls.spec_from_config(config)).values())
-
-    # -- construction ----------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | str | None = None,
-    ) -> NativeModel:
-        """Load a checkpoint folder in the Hugging Face layout.
-
-        Args:
-            path: folder with ``config.json`` and ``model.safetensors`` (or shards with
-                ``model.safetensors.index.json``), optionally tokenizer files.
-            device: where the weights go (loaded there directly, tensor by tensor).
-            dtype: weight dtype or its name; default: ``torch_dtype`` of the config, else
-                float32 on CPU and bfloat16 elsewhere.
-
-        Returns:
-            The model, parameters frozen, tokenizer attached when the folder has one.
-
-        Raises:
-            FileNotFoundError: no config or weights in the folder.
-            ValueError: missing, unexpected or wrong-shaped weights (names listed).
-        """
-        from dlm_decode.models.loading import load_tokenizer, read_config, read_weights
-
-        folder = Path(path)
-        config = read_config(folder)
-        spec = cls.spec_from_config(config)
-        device = torch.device(device)
-        dtype = _resolve(dtype, config, device)
-        names = cls.weight_name_map(spec)
-        shapes = _shapes(spec)
-        tensors = read_weights(
-            folder,
-            {names[k]: shapes[k] for k in names},
-            device,
-            dtype,
-            what=f"the {cls.name} architecture",
-        )
-        with torch.device("meta"):
-            module = Transformer(spec, dtype)
-        module.load_state_dict({k: tensors[v] for k, v in names.items()}, assign=True)
-        module.requires_grad_(False).eval()
-        tokenizer = load_tokenizer(folder, cls.tokenizer_fallbacks)
-        return cls(module, config, tokenizer)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | str | None = None,
-        seed: int = 0,
-        norm_noise: float = 0.0,
-    ) -> NativeModel:
-        """Random weights built directly on ``device`` (no host copy of the weights).
-
-        Linear, embedding and bias entries are drawn from ``N(0, 0.02²)`` with a generator on
-        the device; norm weights are ``1`` (plus ``N(0, norm_noise²)`` when given).
-
-        Args:
-            config: a ``config.json`` dict of this architecture.
-            device: target device.
-            dtype: weight dtype (as in :meth:`from_pretrained`).
-            seed: seed of the device generator.
-            norm_noise: standard deviation of noise added to norm weights (tests use it so
-                that a loader which drops norm weights is caught).
-
-        Returns:
-            The model, parameters frozen. On the ``meta`` device nothing is allocated or
-            initialised (shapes only).
-        """
-        spec = cls.spec_from_config(config)
-        device = torch.device(device)
-        dtype = _resolve(dtype, config, device)
-        with torch.device("meta"):
-            module = Transformer(spec, dtype)
-        module.requires_grad_(False).eval()
-        if device.type == "meta":  # shapes only (planning, parameter counts)
-            return cls(module, config)
-        module.to_empty(device=device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                    if norm_noise:
-                        p.add_(
-                            torch.randn(p.shape, generator=gen, device=device, dtype=dtype),
-                            alpha=norm_noise,
-                        )
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
-        return cls(module, config)
-
-    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under their checkpoint names (what :meth:`from_pretrained` reads)."""
-        names = self.weight_name_map(self.spec)
-        sd = self.module.state_dict()
-        return {names[k]: sd[k] for k in names}
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The live parameters under their checkpoint names (e.g. ``lm_head.weight``)."""
-        names = self.weight_name_map(self.spec)
-        for name, p in self.module.named_parameters():
-            yield names[name], p
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """The live parameters (as ``nn.Module.parameters``)."""
-        return self.module.parameters()
-
-    # -- special tokens ---------------------------------------------------------------
-    def _token_id(self, token: str) -> int | None:
-        tok = self.tokenizer
-        if tok is None:
-            return None
-        tid = tok.convert_tokens_to_ids(token)
-        if tid is None or tid == getattr(tok, "unk_token_id", None):
-            return None
-        return int(tid)
-
-    def _set_special_ids(self) -> None:
-        cfg, tok, v = self.config, self.tokenizer, self.vocab_size
-        mask = cfg.get("mask_token_id")
-        if mask is None and tok is not None:
-            mask = getattr(tok, "mask_token_id", None)
-        if mask is None:
-            raise ValueError(
-                f"{type(self).__name__}: config.json has no mask_token_id and the tokenizer "
-                f"has no mask token; add mask_token_id to config.json"
-            )
-        self.mask_token_id = int(mask)
-        eos = _as_id_list(cfg.get("eos_token_id"))
-        if tok is not None:
-            eos += _as_id_list(getattr(tok, "eos_token_id", None))
-            eos += [t for t in map(self._token_id, self.end_of_turn_tokens) if t is not None]
-        else:
-            eos += [self.known_end_of_turn_ids[e] for e in eos if e in self.known_end_of_turn_ids]
-        self.eos_token_ids = tuple(dict.fromkeys(e for e in eos if 0 <= e < v))
-        pad = cfg.get("pad_token_id")
-        if pad is None and tok is not None:
-            pad = getattr(tok, "pad_token_id", None)
-        if pad is None:
-            pad = self.eos_token_ids[0] if self.eos_token_ids else 0
-        self.pad_token_id = int(pad)
-
-    # -- the Model contract -----------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        """Device of the weights."""
-        return self.module.embed.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating dtype of the weights."""
-        return self.module.embed.weight.dtype
-
-    def new_kv(self, batch_size: int, max_length: int) -> KVBuffer:
-        """A zeroed ``(n_layers, B, H_kv, T, hd)`` buffer in the model dtype and device."""
-        s = self.spec
-        shape = (s.n_layers, batch_size, s.n_kv_heads, max_length, s.head_dim)
-        return KVBuffer(
-            k=torch.zeros(shape, dtype=self.dtype, device=self.device),
-            v=torch.zeros(shape, dtype=self.dtype, device=self.device),
-        )
-
-    def forward(
-        self,
-        ids: torch.Tensor,
-        *,
-        start: int = 0,
-        kv: KVBuffer | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        logits_rows: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """See [`Model.forward`][dlm_decode.interfaces.Model.forward]."""
-        return self.module(
-            ids,
-            start=start,
-            kv=kv,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_rows=logits_rows,
-        )
-
-    def __repr__(self) -> str:
-        s = self.spec
-        return (
-            f"{type(self).__name__}(layers={s.n_layers}, d_model={s.d_model}, "
-            f"heads={s.n_heads}/{s.n_kv_heads}, vocab={s.vocab_size}, dtype={self.dtype}, "
-            f"device={self.device})"
-        )
-
-
-def _resolve(
-    dtype: torch.dtype | str | None, config: Mapping[str, Any], device: torch.device
-) -> torch.dtype:
-    from dlm_decode.models.loading import resolve_dtype
-
-    return resolve_dtype(dtype, config, device)
-
-
-def _shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Transformer(spec).state_dict().items()}
+        logits = F.linear(x, head)  # (B, hi-lo, V)
+        return logits if hidden_layers is None else (logits, hidden)

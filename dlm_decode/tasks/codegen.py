@@ -1,11 +1,14 @@
 """Code generation: HumanEval (0-shot) and MBPP (3-shot), pass@1 in the sandbox.
 
-Both tasks turn a completion into a program with :func:`extract_code`, append the
-benchmark's tests and run it with :mod:`dlm_decode.sandbox` (``passed`` is correct;
-``failed``, ``timeout`` and ``crashed`` are not). :meth:`~CodeTask.score_batch` runs a
-whole batch of programs in parallel; :func:`dlm_decode.evaluate.evaluate` uses it.
+Both tasks turn a completion into a program with
+[`extract_code`][dlm_decode.tasks.codegen.extract_code], append the
+benchmark's tests and run it with [`sandbox`][dlm_decode.sandbox] (``passed`` is correct;
+``failed``, ``timeout`` and ``crashed`` are not).
+[`score_batch`][dlm_decode.tasks.codegen.CodeTask.score_batch] runs a
+whole batch of programs in parallel; [`evaluate`][dlm_decode.evaluate.evaluate] uses it.
 
-Post-processing (:func:`extract_code`) is the same for both tasks:
+Post-processing ([`extract_code`][dlm_decode.tasks.codegen.extract_code]) is the same for both
+tasks:
 
 1. cut the completion at the task's stop strings (``[DONE]`` for MBPP, chat end tokens);
 2. if it holds Markdown fences, keep the fenced block that defines the entry point (else
@@ -31,8 +34,9 @@ import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from dlm_decode.sandbox import ExecResult, run_program, run_programs
 from dlm_decode.tasks.base import Sample, Task
 from dlm_decode.tasks.common import (
     TaskDataError,
@@ -42,9 +46,6 @@ from dlm_decode.tasks.common import (
     load_records,
     truncate_at,
 )
-
-if TYPE_CHECKING:
-    from dlm_decode.sandbox import ExecResult
 
 __all__ = [
     "CodeTask",
@@ -204,11 +205,13 @@ def _last_error_line(res: ExecResult) -> str | None:
 class CodeTask(Task):
     """A code benchmark scored by running programs in the sandbox.
 
-    Subclasses implement :meth:`program` (completion → source) and the data loading.
+    Subclasses implement [`program`][dlm_decode.tasks.codegen.CodeTask.program] (completion →
+    source) and the data loading.
 
     Args:
         timeout: wall-clock seconds per program.
-        workers: programs run in parallel by :meth:`score_batch` (default: CPU count).
+        workers: programs run in parallel by
+            [`score_batch`][dlm_decode.tasks.codegen.CodeTask.score_batch] (default: CPU count).
         memory_mb: address-space limit per program.
     """
 
@@ -241,8 +244,6 @@ class CodeTask(Task):
             (``passed``/``failed``/``timeout``/``crashed``) and ``error`` (the last line of
             stderr, ``None`` when passed).
         """
-        from dlm_decode.sandbox import run_program
-
         code, prog = self.program(sample, completion)
         res = run_program(prog, timeout=self.timeout, memory_mb=self.memory_mb)
         return self._row(code, res)
@@ -250,7 +251,8 @@ class CodeTask(Task):
     def score_batch(
         self, samples: Sequence[Sample], completions: Sequence[str], *, progress: bool = False
     ) -> list[dict[str, Any]]:
-        """Score many completions with parallel sandboxes (same rows as :meth:`score`).
+        """Score many completions with parallel sandboxes (same rows as
+        [`score`][dlm_decode.tasks.codegen.CodeTask.score]).
 
         Args:
             samples: the samples.
@@ -260,8 +262,6 @@ class CodeTask(Task):
         Raises:
             ValueError: ``samples`` and ``completions`` differ in length.
         """
-        from dlm_decode.sandbox import run_programs
-
         if len(samples) != len(completions):
             raise ValueError(f"{len(samples)} samples but {len(completions)} completions to score")
         built = [self.program(s, c) for s, c in zip(samples, completions, strict=True)]
@@ -322,7 +322,8 @@ class HumanEvalTask(CodeTask):
         data_path: ``HumanEval.jsonl`` or ``HumanEval.jsonl.gz``, or a folder holding one;
             default: the hub (``openai/openai_humaneval``).
         timeout: wall-clock seconds per program.
-        workers: parallel programs in :meth:`score_batch`.
+        workers: parallel programs in
+            [`score_batch`][dlm_decode.tasks.codegen.CodeTask.score_batch].
         memory_mb: address-space limit per program.
 
     Raises:
@@ -383,7 +384,8 @@ class HumanEvalTask(CodeTask):
         ]
 
     def program(self, sample: Sample, completion: str) -> tuple[str, str]:
-        """``(solution, program)`` via :func:`humaneval_program`."""
+        """``(solution, program)`` via
+        [`humaneval_program`][dlm_decode.tasks.codegen.humaneval_program]."""
         return humaneval_program(
             sample.prompt, completion, sample.reference, sample.meta["entry_point"]
         )
@@ -432,7 +434,8 @@ class MbppTask(CodeTask):
             folder holding it; default: the hub (``google-research-datasets/mbpp``,
             config ``full``).
         timeout: wall-clock seconds per program.
-        workers: parallel programs in :meth:`score_batch`.
+        workers: parallel programs in
+            [`score_batch`][dlm_decode.tasks.codegen.CodeTask.score_batch].
         memory_mb: address-space limit per program.
 
     Raises:
@@ -521,5 +524,5 @@ class MbppTask(CodeTask):
         ]
 
     def program(self, sample: Sample, completion: str) -> tuple[str, str]:
-        """``(solution, program)`` via :func:`mbpp_program`."""
+        """``(solution, program)`` via [`mbpp_program`][dlm_decode.tasks.codegen.mbpp_program]."""
         return mbpp_program(completion, sample.meta["test_setup_code"], sample.reference)

@@ -4,7 +4,8 @@ Data comes either from a local file (``data_path``, the CLI's ``--data``) or fro
 Hugging Face hub through the optional ``datasets`` package (``pip install
 'dlm-decode[eval]'``). Local files may be JSON Lines or JSON (a list of records, or an
 object holding one list), optionally gzip-compressed. Every failure is raised as
-:class:`TaskDataError` (a ``ValueError``) or ``FileNotFoundError`` with a one-line message
+[`TaskDataError`][dlm_decode.tasks.common.TaskDataError] (a ``ValueError``) or ``FileNotFoundError``
+with a one-line message
 that says what to do, so the CLI can report it without a traceback.
 """
 
@@ -251,7 +252,8 @@ def normalize_number(text: str) -> str:
 def numbers_equal(a: str | None, b: str | None) -> bool:
     """Whether two extracted answers denote the same number (or the same string).
 
-    Both sides are normalized with :func:`normalize_number`; numbers are compared as
+    Both sides are normalized with [`normalize_number`][dlm_decode.tasks.common.normalize_number];
+    numbers are compared as
     floats with a relative tolerance of 1e-9 (``"0.50"`` equals ``".5"``).
     """
     if a is None or b is None:

@@ -1,6 +1,6 @@
 """MATH (Hendrycks et al., 5000 test problems) and MATH-500, 4-shot Minerva-style.
 
-Prompt: four worked examples written for this project (:data:`EXEMPLARS`), then the test
+Prompt: four worked examples written for this project (``EXEMPLARS``), then the test
 problem::
 
     Problem:
@@ -212,7 +212,9 @@ def _parse(ans: str) -> list[Any]:
 def answers_equivalent(gold: str, pred: str | None, *, use_math_verify: bool = True) -> bool:
     """Whether ``pred`` is the same answer as ``gold``.
 
-    Equal normalized strings (:func:`normalize_latex`) always count; otherwise, when
+    Equal normalized strings
+    ([`normalize_latex`][dlm_decode.tasks.competition_math.normalize_latex]) always count;
+    otherwise, when
     ``use_math_verify``, ``math_verify.verify`` decides (symbolic equivalence).
 
     Args:
@@ -241,7 +243,7 @@ class MathTask(Task):
     Args:
         shots: worked examples in the prompt (0–4, default 4).
         data_path: a local ``.jsonl``/``.json(.gz)`` file with ``problem`` and ``solution``
-            (and optionally ``answer``), or a folder holding :attr:`local_names`; default:
+            (and optionally ``answer``), or a folder holding ``local_names``; default:
             the hub.
         scorer: ``"math_verify"`` or ``"string_match"``; default ``math_verify`` when it is
             installed.
@@ -413,7 +415,8 @@ class MathTask(Task):
 class Math500Task(MathTask):
     """MATH-500, the 500-problem subset of the MATH test set (PRM800K split), 4-shot.
 
-    Same prompt and scoring as :class:`MathTask`; data from ``HuggingFaceH4/MATH-500`` or a
+    Same prompt and scoring as [`MathTask`][dlm_decode.tasks.competition_math.MathTask]; data from
+    ``HuggingFaceH4/MATH-500`` or a
     local ``math500_test.jsonl``.
     """
 

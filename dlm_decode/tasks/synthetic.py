@@ -16,14 +16,17 @@ Six problem families, chosen so that the model's per-position confidence profile
   Fréchet rule guards against.
 
 Every family but ``hide`` has one right answer, scored by exact match; ``hide`` is scored by
-an exact check of validity (:func:`score_problem`).
+an exact check of validity ([`score_problem`][dlm_decode.tasks.synthetic.score_problem]).
 
 Prompts are plain text ending in a newline (no chat template); the answer is the text the
 model should generate, followed by EOS padding. Every answer is 16–37 characters, i.e.
-16–37 tokens of the character-level tokenizer built by :func:`build_tokenizer`.
+16–37 tokens of the character-level tokenizer built by
+[`build_tokenizer`][dlm_decode.tasks.synthetic.build_tokenizer].
 
-The held-out split is a fixed list of :data:`HELDOUT_SIZE` problems drawn from
-:data:`HELDOUT_SEED` with families interleaved; training streams (:func:`train_stream`)
+The held-out split is a fixed list of [`HELDOUT_SIZE`][dlm_decode.tasks.synthetic.HELDOUT_SIZE]
+problems drawn from
+[`HELDOUT_SEED`][dlm_decode.tasks.synthetic.HELDOUT_SEED] with families interleaved; training
+streams ([`train_stream`][dlm_decode.tasks.synthetic.train_stream])
 skip every prompt whose hash is in the held-out or validation set, so they are disjoint by
 construction.
 """
@@ -86,7 +89,7 @@ class Problem:
     """One synthetic problem.
 
     Attributes:
-        family: family name (one of :data:`FAMILIES`).
+        family: family name (one of [`FAMILIES`][dlm_decode.tasks.synthetic.FAMILIES]).
         prompt: the prompt text (ends with a newline).
         answer: the exact answer text the model must produce.
     """
@@ -190,7 +193,8 @@ def prompt_hash(prompt: str) -> str:
 def _distinct(size: int, seed: int, banned: frozenset[str] = frozenset()) -> tuple[Problem, ...]:
     """``size`` distinct problems, problem ``i`` of family ``i % len(FAMILIES)``.
 
-    Each family group of :data:`_GROUPS` draws from its own generator (``seed + group``),
+    Each family group of [`_GROUPS`][dlm_decode.tasks.synthetic._GROUPS] draws from its own
+    generator (``seed + group``),
     cycling through its families, so problems of earlier families do not depend on later
     ones. Prompts in ``banned`` and repeated prompts are skipped.
     """
@@ -216,7 +220,8 @@ def _distinct(size: int, seed: int, banned: frozenset[str] = frozenset()) -> tup
 def heldout_problems(size: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> tuple[Problem, ...]:
     """The fixed held-out split: ``size`` distinct problems, families interleaved.
 
-    Problem ``i`` belongs to family ``i % len(FAMILIES)`` (in :data:`FAMILIES` order), so any
+    Problem ``i`` belongs to family ``i % len(FAMILIES)`` (in
+    [`FAMILIES`][dlm_decode.tasks.synthetic.FAMILIES] order), so any
     prefix of at least five problems covers every family.
 
     Args:
@@ -239,10 +244,12 @@ def validation_problems(size: int = VALIDATION_SIZE) -> tuple[Problem, ...]:
     """The validation split used to select checkpoints while training.
 
     Disjoint from the held-out split (whose prompts are skipped) and from every training
-    stream (which skips both), families interleaved like :func:`heldout_problems`.
+    stream (which skips both), families interleaved like
+    [`heldout_problems`][dlm_decode.tasks.synthetic.heldout_problems].
 
     Args:
-        size: number of problems (at most :data:`VALIDATION_SIZE` are excluded from
+        size: number of problems (at most
+            [`VALIDATION_SIZE`][dlm_decode.tasks.synthetic.VALIDATION_SIZE] are excluded from
             training, so a larger ``size`` overlaps the training streams).
 
     Returns:
@@ -261,7 +268,8 @@ def _banned_for_training() -> frozenset[str]:
 def train_stream(seed: int) -> Iterator[Problem]:
     """An endless stream of training problems that never repeats a held-out prompt.
 
-    Validation prompts (:func:`validation_problems`) are skipped as well.
+    Validation prompts ([`validation_problems`][dlm_decode.tasks.synthetic.validation_problems]) are
+    skipped as well.
 
     Args:
         seed: seed of the stream (any value; the held-out set is excluded whatever it is).
@@ -311,7 +319,7 @@ def score_problem(family: str, prompt: str, reference: str, completion: str) -> 
 
     ``hide`` accepts any of its valid answers (the source string with exactly one letter
     replaced by ``*``); every other family is an exact match with ``reference``
-    (:func:`score_completion`).
+    ([`score_completion`][dlm_decode.tasks.synthetic.score_completion]).
 
     Args:
         family: the problem's family.
@@ -333,7 +341,8 @@ class SyntheticTask(Task):
 
     Samples come in a deterministic order with families interleaved; ``score`` is an exact
     match of the whole answer (worked steps included), and for ``hide`` an exact check that
-    the answer is one of the valid ones (:func:`score_problem`).
+    the answer is one of the valid ones
+    ([`score_problem`][dlm_decode.tasks.synthetic.score_problem]).
 
     Version 2 added the ``hide`` family (the held-out problems of the other five families are
     those of version 1).
@@ -383,8 +392,10 @@ class SyntheticTask(Task):
 def build_tokenizer(out_dir: str | Path | None = None) -> Any:
     """Build the character-level tokenizer of the tiny model.
 
-    One token per character of :data:`ALPHABET` (ids 4..) after the four
-    :data:`SPECIAL_TOKENS` (``<|pad|>`` = 0, ``<|bos|>`` = 1, ``<|eos|>`` = 2,
+    One token per character of [`ALPHABET`][dlm_decode.tasks.synthetic.ALPHABET] (ids 4..) after the
+    four
+    [`SPECIAL_TOKENS`][dlm_decode.tasks.synthetic.SPECIAL_TOKENS] (``<|pad|>`` = 0, ``<|bos|>`` = 1,
+    ``<|eos|>`` = 2,
     ``<|mask|>`` = 3). No BOS is added automatically; decoding concatenates the characters.
 
     Args:

@@ -24,7 +24,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -m requires_cuda tests 2>&1
   | tee "$OUT/pytest.log"
 echo "pytest rc=${PIPESTATUS[0]}" | tee -a "$OUT/pytest.log"
 
-BENCH=(python3 -m dlm_decode.cli bench --arch llada-8b --random-weights
+BENCH=(python3 -m dlm_decode bench --arch llada-8b --random-weights
        --prompt-length 768 --gen-length 256 --block-length 32 --policies frechet)
 
 echo "== 2. dual and prefix, B=1,8, fast vs reference"

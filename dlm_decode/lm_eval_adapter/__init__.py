@@ -2,7 +2,7 @@
 
 Importing this module registers the model name ``dlm_decode`` with lm-eval. Generative
 tasks (``output_type: generate_until``: GSM8K, MATH, HumanEval, MBPP, …) run through
-:class:`~dlm_decode.decoder.Decoder`, batched; log-likelihood tasks are not supported
+[`Decoder`][dlm_decode.decoder.Decoder], batched; log-likelihood tasks are not supported
 (a masked diffusion model has no left-to-right likelihood to score choices with).
 
 Command line (this module imports the adapter, then runs lm-eval's own CLI)::
@@ -11,6 +11,9 @@ Command line (this module imports the adapter, then runs lm-eval's own CLI)::
         --model_args model=GSAI-ML/LLaDA-8B-Instruct,policy=frechet,margin=0.25,cache=dual,\\
 gen_length=256,block_length=32 \\
         --tasks gsm8k --num_fewshot 5 --batch_size 8
+
+(``python -m dlm_decode.lm_eval_adapter`` imports this package once, registering the
+model, then runs ``__main__``: lm-eval's own command line.)
 
 Python::
 
@@ -23,8 +26,9 @@ Model arguments (``--model_args``): ``model`` (``tiny``, a folder or a hub id), 
 ``dtype``, every [`DecodeConfig`][dlm_decode.config.DecodeConfig] field (``policy``,
 ``cache``, ``gen_length``, ``block_length``, ``steps``, ``temperature``, ``seed``,
 ``early_stop``), cache parameters as ``cache.NAME=value``, and the policy's parameters by
-name (``margin=0.25``, ``threshold=0.9``, …). ``gen_length`` defaults to each request's
-``max_gen_toks`` rounded up to a multiple of ``block_length``.
+name (``margin=0.25``, ``threshold=0.9``, …; omitted ones take the policy's defaults).
+``gen_length`` defaults to each request's ``max_gen_toks`` rounded up to a multiple of
+``block_length``.
 """
 
 from __future__ import annotations
@@ -34,10 +38,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills lm-eval's lazy registry before we add to it)
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
 
-from dlm_decode.config import DecodeConfig
+from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef
+from dlm_decode.decoder import Decoder
+from dlm_decode.models.loading import load_model
+from dlm_decode.settings import resolve
 from dlm_decode.tasks.common import truncate_at
 
 __all__ = ["DLMDecodeLM", "main"]
@@ -60,7 +69,7 @@ _CONFIG_FIELDS = (
 
 
 class DLMDecodeLM(LM):
-    """lm-eval model that generates with a dlm_decode :class:`~dlm_decode.decoder.Decoder`.
+    """lm-eval model that generates with a dlm_decode [`Decoder`][dlm_decode.decoder.Decoder].
 
     Args:
         model: ``tiny``, a checkpoint folder or a Hugging Face hub id; or an already loaded
@@ -89,37 +98,33 @@ class DLMDecodeLM(LM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        from dlm_decode.api import get_cache, get_policy
-
         fields = {k: kwargs.pop(k) for k in _CONFIG_FIELDS if k in kwargs}
         cache_args = {
             k.split(".", 1)[1]: kwargs.pop(k) for k in list(kwargs) if k.startswith("cache.")
         }
-        policy = str(fields.get("policy", "frechet"))
-        policy_args = dict(kwargs)
-        if not policy_args and policy.split(".")[0] == "frechet":
-            policy_args = {"margin": 0.25}
-        self._gen_length: int | None = fields.pop("gen_length", None)
-        self._base = DecodeConfig(
-            **fields,
-            policy_args=policy_args,
-            cache_args=cache_args,
-            **({"gen_length": self._gen_length} if self._gen_length else {}),
+        defaults = DecodeConfig.model_fields
+        policy = PolicyRef(
+            name=str(fields.pop("policy", defaults["policy"].default)), args=dict(kwargs)
         )
-        pol = get_policy(self._base.policy, **self._base.policy_args)
-        get_cache(self._base.cache, **self._base.cache_args)
-        for need in pol.requires:
-            if getattr(self._base, need) is None:
-                raise ValueError(f"policy {self._base.policy!r} needs the model arg {need}=…")
+        cache = CacheRef(name=str(fields.pop("cache", defaults["cache"].default)), args=cache_args)
+        self._gen_length: int | None = fields.pop("gen_length", None)
+        if self._gen_length:
+            fields["gen_length"] = self._gen_length
+        try:
+            self.settings = resolve(policy=policy, cache=cache, **fields)
+        except ValueError as exc:
+            if "needs 'steps'" in str(exc):
+                raise ValueError(
+                    f"policy {policy.name!r} needs the model arg steps=… (e.g. steps="
+                    f"{self._gen_length or defaults['gen_length'].default})"
+                ) from None
+            raise
+        self._base = self.settings.config
         try:
             self.batch_size = max(1, int(batch_size))
         except (TypeError, ValueError):
             self.batch_size = 1
         if isinstance(model, str):
-            import torch
-
-            from dlm_decode.models import load_model
-
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
             if dev.startswith("cuda") and not torch.cuda.is_available():
                 raise ValueError(
@@ -224,10 +229,6 @@ class DLMDecodeLM(LM):
         Returns:
             One continuation per request.
         """
-        from tqdm.auto import tqdm
-
-        from dlm_decode.decoder import Decoder
-
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
@@ -262,10 +263,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli_evaluate()
 
 
-if __name__ == "__main__":
-    # Run as a script: register through the real module, not this ``__main__`` copy.
-    from dlm_decode.lm_eval_adapter import main as _main
-
-    _main()
-else:
-    register_model("dlm_decode")(DLMDecodeLM)
+register_model("dlm_decode")(DLMDecodeLM)

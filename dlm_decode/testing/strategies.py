@@ -1,13 +1,18 @@
-"""Shape-aware Hypothesis strategies for commit-rule tests.
+"""Shape-aware Hypothesis strategies for commit-rule tests (the project's own and plugin
+authors').
 
 Everything a commit policy sees is drawn here, once:
 
-* :func:`confidence_rows` — one row of confidences in ``[0, 1]``: free values, a few tied
+* [`confidence_rows`][dlm_decode.testing.strategies.confidence_rows] — one row of confidences in
+  ``[0, 1]``: free values, a few tied
   values, a flat profile, or ties mixed with exact ``0`` and ``1``;
-* :func:`masks` — ``(B, L)`` bool masks with ragged rows (fully masked, fully unmasked,
+* [`masks`][dlm_decode.testing.strategies.masks] — ``(B, L)`` bool masks with ragged rows (fully
+  masked, fully unmasked,
   random);
-* :func:`policy_inputs` — a whole ``(confidence, masked, state)`` triple for ``select``;
-* :func:`sorted_profiles` — one descending profile, for the pure functions of
+* [`policy_inputs`][dlm_decode.testing.strategies.policy_inputs] — a whole ``(confidence, masked,
+  state)`` triple for ``select``;
+* [`sorted_profiles`][dlm_decode.testing.strategies.sorted_profiles] — one descending profile, for
+  the pure functions of
   ``dlm_decode.frechet``.
 
 ``exact=True`` draws values from the dyadic grid ``k / 64``. Sums of up to 40 such values,
@@ -33,12 +38,14 @@ __all__ = [
     "MAX_BATCH",
     "MAX_LENGTH",
     "PolicyInput",
+    "StepInput",
     "confidence_rows",
     "dtypes",
     "grid_values",
     "masks",
     "policy_inputs",
     "sorted_profiles",
+    "step_inputs",
     "unit_values",
 ]
 
@@ -121,7 +128,8 @@ def masks(draw: st.DrawFn, batch: int, length: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PolicyInput:
-    """What :meth:`CommitPolicy.select` receives, plus the raw Python values.
+    """What [`CommitPolicy.select`][dlm_decode.interfaces.CommitPolicy.select] receives, plus
+    the raw Python values.
 
     Attributes:
         confidence: ``(B, L)`` float tensor.
@@ -160,7 +168,8 @@ def policy_inputs(
     exact: bool = False,
     dtype: torch.dtype | None = None,
 ) -> PolicyInput:
-    """A batch of confidences with a ragged mask and a consistent :class:`StepState`.
+    """A batch of confidences with a ragged mask and a consistent
+    [`StepState`][dlm_decode.interfaces.StepState].
 
     ``block_masked_at_start`` is at least each row's current masked count, and the step index
     lies in ``[0, steps_per_block)``, as the Decoder guarantees for a schedule that has not
@@ -174,7 +183,7 @@ def policy_inputs(
         dtype: force a dtype; default float32 or float64.
 
     Returns:
-        A :class:`PolicyInput` on the CPU.
+        A [`PolicyInput`][dlm_decode.testing.strategies.PolicyInput] on the CPU.
     """
     batch = draw(st.integers(1, max_batch))
     length = draw(st.integers(1, max_length))
@@ -200,3 +209,68 @@ def policy_inputs(
         rows=rows,
         mask_rows=masked.tolist(),
     )
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """A contract-v2 step: the block's logits and its state before the step.
+
+    Attributes:
+        logits: ``(B, L, V)`` float32 logits (the mask id is ``V − 1``).
+        block: ``(B, L)`` long tokens (the mask id where masked).
+        committed_at: ``(B, L)`` long, as [`History`][dlm_decode.signals.History] keeps it:
+            ``-1`` masked, ``-2`` filled before the block, ``≥ 0`` committed at that step.
+        step: the step index within the block (``committed_at < step``).
+        steps_per_block: a step budget (``fixed`` reads it).
+    """
+
+    logits: torch.Tensor
+    block: torch.Tensor
+    committed_at: torch.Tensor
+    step: int
+    steps_per_block: int
+
+    @property
+    def mask_token_id(self) -> int:
+        """The mask id, the last of the vocabulary."""
+        return self.logits.shape[-1] - 1
+
+    @property
+    def masked(self) -> torch.Tensor:
+        """``(B, L)`` bool."""
+        return self.block == self.mask_token_id
+
+
+@st.composite
+def step_inputs(
+    draw: st.DrawFn, *, max_batch: int = MAX_BATCH, max_length: int = 16, max_vocab: int = 12
+) -> StepInput:
+    """A batch of logits with a ragged block state: rows fully masked, fully committed or
+    mixed, committed positions from earlier steps of the block or from before it, peaked,
+    flat and tied logits.
+
+    Args:
+        draw: Hypothesis draw function.
+        max_batch: largest ``B``.
+        max_length: largest ``L``.
+        max_vocab: largest ``V`` (at least 3: two tokens and the mask).
+
+    Returns:
+        A [`StepInput`][dlm_decode.testing.strategies.StepInput] on the CPU.
+    """
+    b = draw(st.integers(1, max_batch))
+    n = draw(st.integers(1, max_length))
+    v = draw(st.integers(3, max_vocab))
+    scale = draw(st.sampled_from([0.0, 1.0, 4.0, 12.0]))  # 0: a flat profile, every tie
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn((b, n, v), generator=g) * scale  # (B, L, V)
+    masked = draw(masks(b, n))
+    step = draw(st.integers(0, n))
+    tokens = torch.randint(0, v - 1, (b, n), generator=g)
+    before = torch.rand((b, n), generator=g) < 0.3
+    at = torch.randint(0, max(step, 1), (b, n), generator=g)
+    at = torch.where(before | (step == 0), -2, at)
+    committed_at = torch.where(masked, -1, at)
+    block = torch.where(masked, v - 1, tokens)
+    return StepInput(logits, block, committed_at, step, max(step + 1, n))
