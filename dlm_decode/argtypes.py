@@ -14,7 +14,7 @@ import math
 import sys
 from typing import NoReturn
 
-__all__ = ["OneLineParser", "finite_float", "nonnegative_int", "positive_int"]
+__all__ = ["OneLineParser", "finite_float", "nonnegative_int", "positive_int", "seed_int"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -46,6 +46,16 @@ def nonnegative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A seed: an integer in ``[0, 2**63 - 1]`` (``1e23`` is not an integer)."""
+    from dlm_decode.config import SEED_MAX
+
+    value = nonnegative_int(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {text!r}")
     return value
 
 

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from dlm_decode.argtypes import nonnegative_int, positive_int, seed_int
 from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef, parse_args
 from dlm_decode.decoder import Decoder
 from dlm_decode.fast import FastDecoder
@@ -143,10 +145,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="bfloat16, float16, float32 (default: bfloat16 on GPU, float32 on CPU)",
     )
-    src.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
-    p.add_argument("--prompt-length", type=int, default=768)
-    p.add_argument("--gen-length", type=int, default=256)
-    p.add_argument("--block-length", type=int, default=32)
+    src.add_argument("--seed", type=seed_int, default=0, help="seed of the weights and prompts")
+    p.add_argument("--prompt-length", type=positive_int, default=768)
+    p.add_argument("--gen-length", type=positive_int, default=256)
+    p.add_argument("--block-length", type=positive_int, default=32)
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated, e.g. 1,8,32")
     p.add_argument("--caches", default="none,prefix,dual", help="comma-separated cache names")
     p.add_argument(
@@ -162,10 +164,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="space- or semicolon-separated; each NAME or NAME:k=v,k=v (e.g. "
         "'frechet:margin=0.2 threshold'); a policy without arguments uses its defaults",
     )
-    p.add_argument("--repeats", type=int, default=3, help="timed decodes per row (median)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed decodes per row (median)")
     p.add_argument(
         "--warmup",
-        type=int,
+        type=nonnegative_int,
         default=2,
         help="untimed decodes first (the fast path captures its CUDA graphs on the 2nd)",
     )
@@ -173,7 +175,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-profile", action="store_true", help="skip the profiled run")
     p.add_argument(
         "--threads",
-        type=int,
+        type=nonnegative_int,
         default=1,
         help="torch CPU threads during the bench (default 1: small shapes are dispatch-bound "
         "and extra threads only contend; 0 leaves torch's setting)",
@@ -225,6 +227,12 @@ def arch_config(arch: str, total_length: int) -> dict[str, Any]:
         config = preset_config("llada-tiny" if arch == "tiny" else arch)
     for key in ("max_sequence_length", "max_position_embeddings"):
         if key in config and int(config[key]) < total_length:
+            print(
+                f"dlm-decode bench: {total_length} positions exceed {arch}'s {key} "
+                f"{config[key]}; the random weights are built for {total_length} (attention "
+                f"cost grows with length squared, so a row can take minutes)",
+                file=sys.stderr,
+            )
             config[key] = total_length
     return config
 
@@ -285,7 +293,14 @@ def measure(
         ``token_forwards``,
         ``peak_mem_bytes``, ``forward_s``/``select_s`` of the profiled run (or ``None``),
         ``sequences`` (CPU, last run) and ``agree``.
+
+    Raises:
+        ValueError: ``repeats`` < 1 or ``warmup`` < 0.
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer (timed decodes), got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer ≥ 0, got {warmup!r}")
     dev = decoder.model.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -294,7 +309,7 @@ def measure(
     token_forwards = 0
     nfes = []
     walls = []
-    for i in range(warmup + max(1, repeats)):
+    for i in range(warmup + repeats):
         _sync(dev)
         t0 = time.perf_counter()
         res = decoder.generate(prompts)
@@ -581,9 +596,11 @@ def run(args: argparse.Namespace) -> int:
         by_cache: dict[str, list[Resolved]] = {}
         for st in settings:
             by_cache.setdefault(st.cache_ref.label, []).append(st)
+        bar = tqdm(total=len(settings) * len(batches), desc="bench", unit="row", file=sys.stderr)
         for group in by_cache.values():
             for bsz in batches:
                 for st in group:
+                    bar.set_postfix_str(f"{st.cache_ref.label} B={bsz} {st.policy_ref.label}")
                     rows.append(
                         bench_row(
                             model,
@@ -600,12 +617,14 @@ def run(args: argparse.Namespace) -> int:
                         )
                     )
                     _write_json(args.json, meta, rows)  # partial results survive a timeout
+                    bar.update()
+        bar.close()
     finally:
         torch.set_num_threads(old_threads)
     print(
         f"{source} on {meta['device_name']} ({meta['dtype']}), prompt {args.prompt_length}, "
         f"gen {args.gen_length}, block {args.block_length}; ms/NFE = median of "
-        f"{max(1, args.repeats)} after {args.warmup} warm-up; 'outside' = share of step time "
+        f"{args.repeats} after {args.warmup} warm-up; 'outside' = share of step time "
         f"outside the forward; tok-fwd = token positions computed per decode; "
         f"peak = {meta['mem_kind']}"
     )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,20 @@ from pydantic import ValidationError
 from dlm_decode import bench
 from dlm_decode.ablate import cli as ablate_cli
 from dlm_decode.api import list_plugins
+from dlm_decode.argtypes import (
+    OneLineParser,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+    seed_int,
+)
 from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef, format_value, parse_args
 from dlm_decode.decoder import Decoder
 from dlm_decode.evaluate import encode_prompts, evaluate, get_task
 from dlm_decode.models.loading import load_model, resolve_device
 from dlm_decode.registry import UnknownPluginError
 from dlm_decode.settings import Resolved, resolve
+from dlm_decode.tasks.base import load_samples
 
 __all__ = ["QUICKSTART_POLICIES", "CLIError", "build_parser", "decode_settings", "main"]
 
@@ -67,11 +77,11 @@ def _add_decode_args(p: argparse.ArgumentParser, *, gen: int, block: int) -> Non
         help="policy parameter (default: the policy's own defaults)",
     )
     _add_cache_args(p)
-    p.add_argument("--gen-length", type=int, default=gen)
-    p.add_argument("--block-length", type=int, default=block)
-    p.add_argument("--steps", type=int, default=None, help="total steps (needed by fixed)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gen-length", type=positive_int, default=gen)
+    p.add_argument("--block-length", type=positive_int, default=block)
+    p.add_argument("--steps", type=positive_int, default=None, help="total steps (needed by fixed)")
+    p.add_argument("--temperature", type=finite_float, default=0.0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--early-stop", action="store_true", help="stop rows once they emit EOS")
 
 
@@ -172,8 +182,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def open_rows_file(path: str, *, inputs: Sequence[str | None] = ()) -> Any:
+    """Open ``--output`` for appending, after refusing paths that would lose data.
+
+    Args:
+        path: the rows file (JSONL); created if missing, appended to if present.
+        inputs: files the command reads (``--data``); the rows file may not be one of them.
+
+    Returns:
+        The open text file (append mode: existing rows are never truncated).
+
+    Raises:
+        CLIError: the path is an input file, a folder, or cannot be written.
+    """
+    out = Path(path)
+    read: list[Path] = []
+    for given in inputs:
+        if given is not None:
+            g = Path(given)
+            read += [g, *(g.iterdir() if g.is_dir() else ())]
+    for g in read:
+        if _same_file(out, g) or out.absolute() == g.absolute():
+            raise CLIError(
+                f"--output {path!r} is the --data file; rows would overwrite the dataset — "
+                f"write them to another file"
+            )
+    if out.is_dir():
+        raise CLIError(f"--output {path!r} is a folder; give a file such as {path}/rows.jsonl")
+    if out.exists() and not out.is_file():
+        raise CLIError(f"--output {path!r} is not a regular file; give a .jsonl file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return open(out, "a", encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot write --output {path!r}: {exc.strerror or exc}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate on a task; print the summary (and write rows)."""
+    """Evaluate on a task; print the summary (and append rows to ``--output``)."""
     settings = decode_settings(args)
     task_kwargs: dict[str, Any] = {}
     if args.shots is not None:
@@ -181,20 +234,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data is not None:
         task_kwargs["data_path"] = args.data
     task = get_task(args.task, **task_kwargs)
-    model = _load(args)
-    out_f = open(args.output, "w") if args.output else None
+    samples = load_samples(task, args.limit, what="--limit")  # reads and checks the data
+    out_f = open_rows_file(args.output, inputs=[args.data]) if args.output else None
     try:
+        model = _load(args)
+        tags = {"settings": settings.describe()}
 
         def on_row(row: dict[str, Any]) -> None:
             if out_f is not None:
-                out_f.write(json.dumps(row) + "\n")
+                out_f.write(json.dumps({**row, **tags}) + "\n")
                 out_f.flush()
 
         res = evaluate(
             model,
             task,
             settings.config,
-            limit=args.limit,
+            samples=samples,
             batch_size=args.batch_size,
             on_row=on_row,
         )
@@ -245,12 +300,47 @@ def quickstart_settings(args: argparse.Namespace) -> list[tuple[str, Resolved]]:
     return rows
 
 
+def plot_path(text: str, default_name: str = "quickstart.png") -> Path | None:
+    """The PNG a ``--plot`` value names, checked writable before any work.
+
+    ``''`` means no plot; a folder (existing, or written with a trailing ``/``) gets
+    ``default_name`` inside it; a path without a suffix gets ``.png`` (what matplotlib
+    would write anyway), so the path printed is the file written.
+
+    Raises:
+        CLIError: a suffix other than ``.png``, or a location that cannot be written.
+    """
+    if not text:
+        return None
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", "\\")):
+        path = path / default_name
+    elif path.suffix == "":
+        path = path.with_suffix(".png")
+    elif path.suffix.lower() != ".png":
+        raise CLIError(f"--plot {text!r} must be a .png file (or a folder, or '' for none)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:  # a real write, since permission bits do not tell (root, /proc, read-only mounts)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError("the file is read-only")
+    except OSError as exc:
+        raise CLIError(
+            f"--plot {str(path)!r} cannot be written ({exc.strerror or exc}); pick another path"
+        ) from None
+    return path
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Compare the baseline, threshold, factor and Fréchet on the synthetic suite."""
     rows = quickstart_settings(args)
+    plot = plot_path(args.plot)
     model = _load(args)
     task = get_task("synthetic")
-    samples = task.samples(args.limit)
+    samples = load_samples(task, args.limit, what="--limit")
     results = []
     for label, settings in rows:
         res = evaluate(model, task, settings.config, samples=samples, batch_size=args.batch_size)
@@ -271,9 +361,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x |"
         )
     print("\n".join(lines))
-    if args.plot:
-        _quickstart_plot(results, Path(args.plot))
-        print(f"\nplot: {args.plot}")
+    if plot is not None:
+        _quickstart_plot(results, plot)
+        print(f"\nplot: {plot}")
     return 0
 
 
@@ -309,7 +399,7 @@ def _quickstart_plot(results: list[tuple[str, dict[str, Any]]], path: Path) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dlm-decode``."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="dlm-decode", description="Fast, pluggable decoding for masked diffusion LMs."
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -332,21 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(sp)
     _add_decode_args(sp, gen=64, block=16)
     sp.add_argument("--task", default="synthetic")
-    sp.add_argument("--shots", type=int, default=None)
-    sp.add_argument("--limit", type=int, default=None)
+    sp.add_argument("--shots", type=nonnegative_int, default=None)
+    sp.add_argument("--limit", type=positive_int, default=None)
     sp.add_argument("--data", default=None, help="local dataset file instead of the hub")
-    sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--output", default=None, help="write per-sample rows (JSONL)")
+    sp.add_argument("--batch-size", type=positive_int, default=16)
+    sp.add_argument("--output", default=None, help="append per-sample rows (JSONL) to this file")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("quickstart", help="the main job on the shipped tiny model")
     _add_model_args(sp)
-    sp.add_argument("--limit", type=int, default=200)
+    sp.add_argument("--limit", type=positive_int, default=200)
     _add_cache_args(sp)
-    sp.add_argument("--gen-length", type=int, default=64)
-    sp.add_argument("--block-length", type=int, default=16)
-    sp.add_argument("--batch-size", type=int, default=50)
+    sp.add_argument("--gen-length", type=positive_int, default=64)
+    sp.add_argument("--block-length", type=positive_int, default=16)
+    sp.add_argument("--batch-size", type=positive_int, default=50)
     sp.add_argument("--plot", default="quickstart.png", help="PNG path ('' to skip)")
     sp.set_defaults(func=cmd_quickstart)
 

@@ -28,28 +28,33 @@ Model arguments (``--model_args``): ``model`` (``tiny``, a folder or a hub id), 
 ``early_stop``), cache parameters as ``cache.NAME=value``, and the policy's parameters by
 name (``margin=0.25``, ``threshold=0.9``, …; omitted ones take the policy's defaults).
 ``gen_length`` defaults to each request's ``max_gen_toks`` rounded up to a multiple of
-``block_length``.
+``block_length``; with neither, to the configured default, lowered to the largest multiple
+of ``block_length`` that fits after the group's longest prompt within the model's maximum
+length. An explicit length that does not fit, a ``max_gen_toks`` below 1, and
+``gen_kwargs`` of the wrong type are one-line ``ValueError`` s before that group decodes.
+``python -m dlm_decode.lm_eval_adapter`` passes ``--device`` to lm-eval when it is not
+given (``cpu`` without CUDA), so ``results.json`` records the device that ran.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills lm-eval's lazy registry before we add to it)
-import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef
 from dlm_decode.decoder import Decoder
-from dlm_decode.models.loading import load_model
+from dlm_decode.models.loading import load_model, resolve_device
 from dlm_decode.settings import resolve
 from dlm_decode.tasks.common import truncate_at
 
-__all__ = ["DLMDecodeLM", "main"]
+__all__ = ["DLMDecodeLM", "check_gen_kwargs", "main", "with_device"]
 
 _NOT_GENERATIVE = (
     "masked diffusion models are evaluated generatively here; use generate_until tasks "
@@ -125,12 +130,10 @@ class DLMDecodeLM(LM):
         except (TypeError, ValueError):
             self.batch_size = 1
         if isinstance(model, str):
-            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            if dev.startswith("cuda") and not torch.cuda.is_available():
-                raise ValueError(
-                    f"device {dev!r}: no CUDA device is available here; pass --device cpu "
-                    f"(or device=cpu in --model_args)"
-                )
+            try:
+                dev = resolve_device(device)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (--device, or device=… in --model_args)") from None
             self.model = load_model(model, device=dev, dtype=dtype)
             self._name = model
         else:
@@ -166,13 +169,42 @@ class DLMDecodeLM(LM):
 
     # -- configuration --------------------------------------------------------------------
 
-    def config_for(self, gen_kwargs: dict[str, Any]) -> DecodeConfig:
-        """The decode config of one request group (``max_gen_toks``, sampling)."""
+    def config_for(self, gen_kwargs: dict[str, Any], prompt_length: int = 0) -> DecodeConfig:
+        """The decode config of one request group (``max_gen_toks``, sampling).
+
+        Args:
+            gen_kwargs: the group's lm-eval generation arguments.
+            prompt_length: the group's longest prompt, in tokens (what must fit beside the
+                generated positions within the model's maximum length).
+
+        Raises:
+            ValueError: ``gen_kwargs`` of the wrong type, ``max_gen_toks`` below 1, or a
+                requested length that does not fit after the prompt.
+        """
+        check_gen_kwargs(gen_kwargs)
         over: dict[str, Any] = {}
         block = self._base.block_length
-        if self._gen_length is None:
-            want = int(gen_kwargs.get("max_gen_toks", self._base.gen_length))
-            over["gen_length"] = max(block, -(-want // block) * block)
+        room = self.model.max_length - prompt_length  # positions left for generation
+        fits = room // block * block
+        if self._gen_length is not None:
+            want, what = self._gen_length, f"gen_length={self._gen_length}"
+        elif "max_gen_toks" in gen_kwargs:
+            want = -(-gen_kwargs["max_gen_toks"] // block) * block
+            what = f"max_gen_toks={gen_kwargs['max_gen_toks']} (rounded up to {want})"
+        else:  # nothing asked: the default, lowered to what fits
+            want, what = min(self._base.gen_length, max(fits, block)), None
+        if want > room:
+            raise ValueError(
+                f"{what or f'gen_length {want}'} does not fit after a {prompt_length}-token "
+                f"prompt within {self._name}'s maximum length {self.model.max_length}; "
+                f"use gen_length={fits} or less in --model_args"
+                if fits >= block
+                else f"a {prompt_length}-token prompt leaves no room for one block of "
+                f"{block} within {self._name}'s maximum length {self.model.max_length}; "
+                f"use fewer shots or a smaller block_length"
+            )
+        if want != self._base.gen_length:
+            over["gen_length"] = want
         temp = gen_kwargs.get("temperature")
         if gen_kwargs.get("do_sample") and temp:
             over["temperature"] = float(temp)
@@ -231,7 +263,14 @@ class DLMDecodeLM(LM):
         """
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
-            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+            args = getattr(req, "args", None)
+            if not (isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], str)):
+                raise ValueError(
+                    f"request {i}: generate_until expects args (context: str, gen_kwargs: "
+                    f"dict), got {args!r:.60}"
+                )
+            check_gen_kwargs(args[1], where=f"request {i}")
+            groups.setdefault(repr(sorted(args[1].items())), []).append(i)
         out: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="dlm_decode", disable=disable_tqdm or self.rank)
         for idx in groups.values():
@@ -239,8 +278,9 @@ class DLMDecodeLM(LM):
             until = gen_kwargs.get("until") or []
             if isinstance(until, str):
                 until = [until]
-            decoder = Decoder(self.model, self.config_for(gen_kwargs))
             encoded = {i: self._encode(requests[i].args[0]) for i in idx}
+            longest = max(len(v) for v in encoded.values())
+            decoder = Decoder(self.model, self.config_for(gen_kwargs, longest))
             order = sorted(idx, key=lambda i: -len(encoded[i]))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
@@ -254,12 +294,73 @@ class DLMDecodeLM(LM):
         return [t if t is not None else "" for t in out]
 
 
+def check_gen_kwargs(gen_kwargs: Any, where: str = "gen_kwargs") -> None:
+    """Check lm-eval generation arguments before decoding.
+
+    Args:
+        gen_kwargs: a request's generation arguments.
+        where: the request, for messages.
+
+    Raises:
+        ValueError: not a dict; ``until`` not a string or list of strings;
+            ``max_gen_toks`` not an integer ≥ 1; ``temperature`` not a finite number ≥ 0;
+            ``do_sample`` not a bool.
+    """
+    if not isinstance(gen_kwargs, dict):
+        raise ValueError(
+            f"{where}: gen_kwargs must be a dict such as {{'until': ['\\n'], "
+            f"'max_gen_toks': 256}}, got {type(gen_kwargs).__name__}"
+        )
+    until = gen_kwargs.get("until")
+    if until is not None and not (
+        isinstance(until, str)
+        or (isinstance(until, (list, tuple)) and all(isinstance(u, str) for u in until))
+    ):
+        raise ValueError(f"{where}: until must be a string or a list of strings, got {until!r}")
+    if "max_gen_toks" in gen_kwargs:
+        n = gen_kwargs["max_gen_toks"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(
+                f"{where}: max_gen_toks must be an integer ≥ 1 (tokens to generate), got {n!r}"
+            )
+    temp = gen_kwargs.get("temperature")
+    if temp is not None and (
+        isinstance(temp, bool)
+        or not isinstance(temp, (int, float))
+        or not math.isfinite(temp)
+        or temp < 0
+    ):
+        raise ValueError(f"{where}: temperature must be a finite number ≥ 0, got {temp!r}")
+    sample = gen_kwargs.get("do_sample")
+    if sample is not None and not isinstance(sample, bool):
+        raise ValueError(f"{where}: do_sample must be true or false, got {sample!r}")
+
+
+def with_device(argv: Sequence[str]) -> list[str]:
+    """lm-eval's arguments with ``--device`` added when absent (lm-eval would record its
+    own default, ``cuda:0``, in ``results.json`` even for a CPU run).
+
+    A ``device=`` in ``--model_args`` wins, as in
+    [`DLMDecodeLM`][dlm_decode.lm_eval_adapter.DLMDecodeLM]; otherwise the device is
+    ``cuda`` when one is available, else ``cpu``.
+    """
+    args = list(argv)
+    if any(a == "--device" or a.startswith("--device=") for a in args):
+        return args
+    model_args = next(
+        (args[i + 1] for i, a in enumerate(args[:-1]) if a == "--model_args"),
+        next((a.split("=", 1)[1] for a in args if a.startswith("--model_args=")), ""),
+    )
+    given = [kv.split("=", 1)[1] for kv in model_args.split(",") if kv.startswith("device=")]
+    return [*args, "--device", given[0] if given else resolve_device(None)]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run lm-eval's command line with the ``dlm_decode`` model registered."""
+    """Run lm-eval's command line with the ``dlm_decode`` model registered (and
+    ``--device`` filled in, see [`with_device`][dlm_decode.lm_eval_adapter.with_device])."""
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *with_device(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "TaskDataError",
     "assemble_nshot",
+    "check_records",
     "extract_last_number",
     "find_data_file",
     "last_boxed",
@@ -73,6 +74,8 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             records = json.loads(text)
         except json.JSONDecodeError:
             records = None  # maybe JSON Lines after all
+        except RecursionError:
+            raise _too_deep(p) from None
         if isinstance(records, dict):
             lists = [v for v in records.values() if isinstance(v, list)]
             records = lists[0] if len(lists) == 1 else None
@@ -83,6 +86,8 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
                 continue
             try:
                 records.append(json.loads(line))
+            except RecursionError:
+                raise _too_deep(p, n) from None
             except json.JSONDecodeError as exc:
                 raise TaskDataError(
                     f"{str(p)!r} line {n} is not valid JSON ({exc.msg}); expected a "
@@ -94,6 +99,80 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if bad is not None:
         raise TaskDataError(f"{str(p)!r}: record {bad} is not a JSON object")
     return records
+
+
+def _too_deep(path: Path, line: int | None = None) -> TaskDataError:
+    where = f"{str(path)!r}" + (f" line {line}" if line is not None else "")
+    return TaskDataError(
+        f"{where} nests JSON too deeply to read; a record must be a flat object of "
+        f"strings and numbers"
+    )
+
+
+def _type_names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _bad_text(value: Any) -> str | None:
+    """Where ``value`` (a string, or lists/objects of them) cannot be written as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"holds a lone surrogate {value[exc.start]!r} at character {exc.start}"
+        return None
+    if isinstance(value, list):
+        return next((b for b in map(_bad_text, value) if b), None)
+    if isinstance(value, dict):
+        return next((b for b in map(_bad_text, value.values()) if b), None)
+    return None
+
+
+def check_records(
+    records: Sequence[Mapping[str, Any]],
+    fields: Mapping[str, type | tuple[type, ...]],
+    *,
+    what: str,
+    optional: Mapping[str, type | tuple[type, ...]] | None = None,
+) -> None:
+    """Check every record (not only the first) before any decoding starts.
+
+    Args:
+        records: the loaded records.
+        fields: required field → accepted type(s).
+        what: the records' name in messages (``gsm8k test``).
+        optional: fields that may be missing or ``None`` but, when set, must have the type.
+
+    Raises:
+        TaskDataError: one line naming the record (its 0-based index), the field, the
+            problem and the fix: a missing field, a value of the wrong type (``bool`` is
+            not a number here), or text that cannot be encoded as UTF-8.
+    """
+    checks = [(k, t, True) for k, t in fields.items()]
+    checks += [(k, t, False) for k, t in (optional or {}).items()]
+    for i, rec in enumerate(records):
+        for key, kind, required in checks:
+            value = rec.get(key)
+            if value is None:
+                if required:
+                    raise TaskDataError(
+                        f"{what} record {i} has no {key!r} field (it has {sorted(rec)}); "
+                        f"every record needs {sorted(fields)} — fix or drop that record"
+                    )
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise TaskDataError(
+                    f"{what} record {i}: {key!r} must be {_type_names(kind)}, got "
+                    f"{type(value).__name__} {value!r:.40}; fix that record"
+                )
+        bad = next(((k, b) for k, v in rec.items() if (b := _bad_text(v))), None)
+        if bad is not None:
+            raise TaskDataError(
+                f"{what} record {i}: field {bad[0]!r} {bad[1]}, which is not valid "
+                f"UTF-8; fix the file's encoding or drop that record"
+            )
 
 
 def find_data_file(path: str | Path, candidates: Sequence[str], *, what: str) -> Path:

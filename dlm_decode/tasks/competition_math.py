@@ -35,6 +35,7 @@ from dlm_decode.tasks.base import Sample, Task
 from dlm_decode.tasks.common import (
     TaskDataError,
     assemble_nshot,
+    check_records,
     find_data_file,
     last_boxed,
     load_hub,
@@ -329,12 +330,20 @@ class MathTask(Task):
                     recs = []
             if not recs:
                 raise TaskDataError(errors[-1] if errors else f"{self.name}: no data")
-        first = recs[0]
-        if "problem" not in first or not ("solution" in first or "answer" in first):
-            raise TaskDataError(
-                f"{self.name} records need 'problem' and 'solution' (or 'answer') fields, "
-                f"got {sorted(first)}"
-            )
+        check_records(
+            recs,
+            {"problem": str},
+            what=self.name,
+            optional={"solution": str, "answer": str},
+        )
+        for i, r in enumerate(recs):
+            if not (isinstance(r.get("answer"), str) and r["answer"].strip()) and (
+                last_boxed(r.get("solution") or "") is None
+            ):
+                raise TaskDataError(
+                    f"{self.name} record {i} has neither an 'answer' nor a \\boxed{{}} "
+                    f"answer in its 'solution'; fix or drop that record"
+                )
         self._records = recs
         return recs
 

@@ -35,6 +35,7 @@ from dlm_decode.tasks.base import Sample, Task
 from dlm_decode.tasks.common import (
     TaskDataError,
     assemble_nshot,
+    check_records,
     extract_last_number,
     find_data_file,
     load_hub,
@@ -151,12 +152,7 @@ class GSM8KTask(Task):
         if need_train:
             train = load_records(self.train_file) if self.train_file else hub["train"]
         for split, recs in (("test", test), ("train", train)):
-            for r in recs[:1]:
-                if "question" not in r or "answer" not in r:
-                    raise TaskDataError(
-                        f"gsm8k {split} records need 'question' and 'answer' fields, got "
-                        f"{sorted(r)}"
-                    )
+            check_records(recs, {"question": str, "answer": str}, what=f"gsm8k {split}")
         self._test, self._train = test, train
 
     def fewshot_examples(self) -> list[dict[str, Any]]:
