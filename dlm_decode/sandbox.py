@@ -15,6 +15,12 @@ Usage:
     results = run_programs(sources, timeout=5.0, workers=2)
     ```
 
+    Arguments are checked before anything runs: a source that is not a str or holds
+    a lone surrogate, and a ``timeout``, ``memory_mb``, ``nproc``,
+    ``max_file_bytes`` or ``workers`` of the wrong type or out of range raise a
+    one-line `TypeError` / `ValueError` (`run_programs` checks every source first
+    and names its index). There is no "no limit" value for the limits.
+
 Process layout:
     ``harness thread -> launcher (python -I -S, root while it sets up) ->
     fork -> mini init (PID 1 of the new PID namespace, root) -> fork ->
@@ -57,12 +63,18 @@ Threat model (what is contained):
       default-action signals such as a self-sent SIGSEGV.)
     * Files: ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE=0``. As root the
       program runs as the unprivileged uid with no supplementary groups. In a
-      private mount namespace the per-run work dir is bind-mounted over the
-      world-writable directories (``/tmp``, ``/var/tmp``, ``/dev/shm``,
-      ``/run/lock``) and every other mount is remounted read-only, so writes
-      outside the work dir fail or land in the work dir, which is deleted
-      afterwards. The project checkout is hidden under an empty read-only
-      tmpfs and a fresh ``/proc`` shows only the sandbox's own processes.
+      private mount namespace one private tmpfs (`SCRATCH_BYTES` and
+      `SCRATCH_INODES` in all) provides a fresh, writable directory for each
+      world-writable place (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``;
+      ``/tmp`` is the program's home and cwd and holds ``program.py``), so
+      ``multiprocessing`` locks and temporary files work; every other mount is
+      remounted read-only. The tmpfs is never mounted at a host path the program
+      can see, so ``/proc/self/mountinfo`` names no host work dir, and it dies
+      with the namespace. The project checkout is hidden under an empty
+      read-only tmpfs and a fresh ``/proc`` shows only the sandbox's own
+      processes. A set-up mount that fails raises `SandboxError` (the program is
+      not run, nor scored); a mount that cannot be made read-only is listed in
+      ``ExecResult.degraded`` and warned about once.
     * Network: a new, empty network namespace (loopback down) when the
       platform permits; see ``ExecResult.network_isolated`` and
       `isolation_info`.
@@ -94,11 +106,15 @@ What is NOT protected (be aware):
       up) and can reach the network. Escaped descendants are then killed by uid.
     * Reading: anything readable by "others" on the host stays readable
       (system files, world-readable data). Secrets must not be world-readable.
+      ``/proc/self/mountinfo`` still names the mount points the sandbox itself
+      creates outside the scratch dirs: the interpreter's prefix and the masked
+      project checkout (their paths, not their contents).
     * Aggregate resources: ``RLIMIT_AS`` is per process, so a fork bomb can use
       up to ``nproc * memory_mb`` of address space; there is no cgroup-based
-      total memory or disk quota (the number/size of files in the work dir is
-      only bounded by ``RLIMIT_FSIZE`` per file). Kernel exploits, side
-      channels and denial of service through CPU contention are out of scope.
+      total memory quota. Files are bounded by the scratch tmpfs (which uses
+      RAM) in a mount namespace; without one, only by ``RLIMIT_FSIZE`` per file.
+      Kernel exploits, side channels and denial of service through CPU
+      contention are out of scope.
 """
 
 from __future__ import annotations
@@ -107,6 +123,8 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
+import numbers
 import os
 import pwd
 import secrets
@@ -118,6 +136,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -130,6 +149,8 @@ from tqdm import tqdm
 __all__ = [
     "ExecResult",
     "IsolationInfo",
+    "SandboxError",
+    "check_limits",
     "isolation_info",
     "run_program",
     "run_programs",
@@ -149,6 +170,17 @@ DEFAULT_NPROC = 32
 DEFAULT_FSIZE = 10 * 1024 * 1024
 #: Default ``RLIMIT_NOFILE``.
 DEFAULT_NOFILE = 64
+#: Smallest accepted ``memory_mb`` (the interpreter needs about this much to start).
+MIN_MEMORY_MB = 16
+#: Largest accepted ``memory_mb`` (1 PiB; the limit must fit in ``rlim_t``).
+MAX_MEMORY_MB = 1 << 30
+#: Largest accepted ``timeout`` in seconds (one day).
+MAX_TIMEOUT_S = 86400.0
+#: Size of the private tmpfs behind ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``
+#: (all together) when a mount namespace is available.
+SCRATCH_BYTES = 64 * 1024 * 1024
+#: Maximum number of files and directories in that tmpfs.
+SCRATCH_INODES = 8192
 #: Seconds to wait for the process to go away after a SIGKILL.
 _KILL_GRACE_S = 2.0
 
@@ -172,6 +204,9 @@ class ExecResult:
         mount_namespace: Whether the program ran in a private mount namespace.
         uid: The uid the program ran as (``None``: same as the harness).
         pgid: Process group id of the launcher (gone once this returns).
+        degraded: One line per isolation step that could not be applied (e.g. a
+            mount that could not be made read-only); empty when all applied. Each
+            distinct line is also issued once as a `RuntimeWarning`.
     """
 
     status: Status
@@ -184,11 +219,21 @@ class ExecResult:
     mount_namespace: bool = False
     uid: int | None = None
     pgid: int | None = field(default=None, repr=False)
+    degraded: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
         """True iff ``status == "passed"``."""
         return self.status == "passed"
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not be set up as documented, so the program was not run.
+
+    Raised instead of scoring the program: an infrastructure failure (a mount that the
+    kernel refused, a resource limit or uid drop that failed before the program
+    started) is not the program's failure. The message is one line.
+    """
 
 
 @dataclass(frozen=True)
@@ -221,7 +266,7 @@ info_fd = cfg["info_fd"]
 def report(**kw):
     try:
         os.write(info_fd, (json.dumps(kw) + "\n").encode())
-    except OSError:
+    except Exception:
         pass
 libc = ctypes.CDLL(None, use_errno=True)
 NEWNS, NEWNET, NEWPID = 0x00020000, 0x40000000, 0x20000000
@@ -231,10 +276,17 @@ MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
 def mount(src, dst, fstype, flags, data=None):
     enc = lambda s: None if s is None else s.encode()
     if libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)) != 0:
-        raise OSError(ctypes.get_errno(), "mount " + dst)
+        e = ctypes.get_errno()
+        raise OSError(e, "mount %s on %s: %s" % (fstype or src, dst, os.strerror(e)))
+def umount(path, what):
+    if libc.umount2(path.encode(), 2) != 0:  # MNT_DETACH
+        e = ctypes.get_errno()
+        raise OSError(e, "unmount %s: %s" % (what, os.strerror(e)))
 def unshare(flags):
     return libc.unshare(flags) == 0
 def setup_mounts():
+    # Any failure here raises: the harness turns it into a SandboxError instead of
+    # running the program with less isolation than documented.
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     work = cfg["cwd"]
     for hide, prefix in cfg["expose"]:
@@ -246,24 +298,58 @@ def setup_mounts():
         mount("tmpfs", hide, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
         os.makedirs(prefix, 0o755, exist_ok=True)
         mount(stage, prefix, None, MS_BIND | MS_REC)
-        libc.umount2(stage.encode(), 2)
+        umount(stage, "interpreter staging dir")
         os.rmdir(stage)
     binds = []
-    for d in cfg["writable"]:
-        try:
-            mount(work, d, None, MS_BIND)
+    scratch = cfg["scratch"]
+    if scratch:
+        # One size-limited tmpfs, mounted at a staging dir, holds a fresh directory
+        # for each writable place (the first is the program's home and cwd). Its
+        # subdirs are bound onto /tmp, /var/tmp, /dev/shm, ... and the staging mount
+        # is detached again, so mountinfo shows only neutral names (no host path), and
+        # everything written dies with the mount namespace.
+        stage = os.path.join(work, ".scratch")
+        os.mkdir(stage, 0o700)
+        mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV,
+              "mode=0700,size=%d,nr_inodes=%d" % (cfg["scratch_bytes"], cfg["scratch_inodes"]))
+        stage_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+        via = "/proc/self/fd/%d/" % stage_fd  # still reachable once /tmp is covered
+        names = []
+        for i, d in enumerate(scratch):
+            name = d.strip("/").replace("/", "_") or "root"
+            sub = os.path.join(stage, name)
+            os.mkdir(sub, 0o700)
+            if i == 0:
+                for fname in os.listdir(work):
+                    src = os.path.join(work, fname)
+                    if fname.startswith(".") or not os.path.isfile(src):
+                        continue
+                    with open(src, "rb") as f:
+                        data = f.read()
+                    dst = os.path.join(sub, fname)
+                    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        os.write(fd, data)
+                    finally:
+                        os.close(fd)
+                    os.chown(dst, cfg["uid"], cfg["gid"])
+                os.chown(sub, cfg["uid"], cfg["gid"])
+            else:
+                os.chmod(sub, 0o1777)
+            names.append(name)
+        for d, name in zip(scratch, names):
+            mount(via + name, d, None, MS_BIND)
             binds.append(d)
-        except OSError:
-            pass
+        umount(via.rstrip("/"), "scratch staging dir")
+        os.close(stage_fd)
     for d in cfg["mask"]:
-        try:
+        if os.path.exists(d):  # else already hidden (e.g. a checkout under /tmp)
             mount("tmpfs", d, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0755")
-        except OSError:
-            pass
     opt = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
            "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
     with open("/proc/self/mountinfo") as f:
         lines = f.read().splitlines()
+    degraded = []
     for line in lines:
         parts = line.split()
         mp = parts[4].encode().decode("unicode_escape")
@@ -272,10 +358,12 @@ def setup_mounts():
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY
         for o in parts[5].split(","):
             flags |= opt.get(o, 0)
-        libc.mount(None, mp.encode(), None, flags, None)
-    return binds
+        if libc.mount(None, mp.encode(), None, flags, None) != 0:
+            degraded.append("%s stays writable (remount read-only: %s)"
+                            % (mp, os.strerror(ctypes.get_errno())))
+    return binds, degraded
 net = pid = mnt = False
-binds = []
+binds, degraded = [], []
 if cfg["uid"] is not None:
     if unshare(NEWNS | NEWNET | NEWPID):
         net = pid = mnt = True
@@ -285,20 +373,19 @@ if cfg["uid"] is not None:
         pid = unshare(NEWPID)
     if mnt:
         try:
-            binds = setup_mounts()
+            binds, degraded = setup_mounts()
         except OSError as exc:
-            report(error="mount setup failed: %s" % exc)
+            report(setup_error="mount set-up failed: %s" % (exc,))
             os._exit(70)
-report(net=net, pid=pid, mnt=mnt)
-# Inside the mount namespace the work dir is reachable (writable) only as the first
-# bind target (e.g. /tmp); rewrite paths accordingly.
+report(net=net, pid=pid, mnt=mnt, degraded=degraded)
+# Inside the mount namespace the program's files live in the first scratch dir (e.g.
+# /tmp), a private tmpfs; rewrite work-dir paths accordingly.
 work, inner = cfg["cwd"], (binds[0] if binds else cfg["cwd"])
 argv = [a.replace(work, inner) if a.startswith(work) else a for a in cfg["argv"]]
 env = {k: (v.replace(work, inner) if v.startswith(work) else v) for k, v in cfg["env"].items()}
 def exec_program(life_r):
     # Final process: limits, privilege drop, exec the wrapper. Never returns.
     try:
-        os.close(info_fd)
         for name, value in cfg["limits"].items():
             resource.setrlimit(getattr(resource, name), (value, value))
         if cfg["uid"] is not None:
@@ -313,6 +400,14 @@ def exec_program(life_r):
             os.close(life_r)
         os.chdir(inner)
         os.umask(0o077)
+    except BaseException as exc:
+        # The program never started: a harness problem, not a failed program.
+        try:
+            report(setup_error="sandbox launcher: %r" % (exc,))
+        finally:
+            os._exit(71)
+    try:
+        os.close(info_fd)
         os.execve(cfg["python"], argv, env)
     except BaseException as exc:
         try:
@@ -357,8 +452,9 @@ if child == 0:
     if mnt:
         try:
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        except OSError:
-            pass
+        except OSError as exc:  # the host's /proc would show every host process
+            report(setup_error="mount set-up failed: %s" % (exc,))
+            os._exit(70)
     prog = os.fork()
     if prog == 0:
         exec_program(None)
@@ -553,6 +649,128 @@ def _decode(data: bytearray, dropped: int) -> str:
     return text
 
 
+def _show(value: object) -> str:
+    """A short one-line repr of ``value`` for error messages."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ must not hide the real error
+        text = f"<{type(value).__name__} object>"
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_timeout(timeout: object) -> float:
+    """``timeout`` as a float, or a one-line error naming the accepted range."""
+    accepted = f"timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]"
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(
+            f"{accepted}, got {type(timeout).__name__} {_show(timeout)}; pass e.g. timeout=10.0"
+        )
+    value = float(timeout)
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
+        raise ValueError(f"{accepted}, got {_show(timeout)}; pass e.g. timeout=10.0")
+    return value
+
+
+def _check_int(name: str, value: object, low: int, high: int, unit: str, example: int) -> int:
+    """``value`` as an int in ``[low, high]``, or a one-line error naming ``name``.
+
+    ``None``, ``0`` and negative values get a hint that there is no "no limit" value
+    (``RLIMIT_*`` treats ``-1`` as unlimited, which must never happen by accident).
+    """
+    accepted = f"{name} must be an int number of {unit} in [{low}, {high}]"
+    fix = f"pass e.g. {name}={example}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        note = " (there is no 'no limit' value)" if value is None else ""
+        got = f"{type(value).__name__} {_show(value)}"
+        raise TypeError(f"{accepted}, got {got}{note}; {fix}")
+    number = int(value)
+    if not low <= number <= high:
+        note = " (there is no 'no limit' value)" if number <= 0 else ""
+        raise ValueError(f"{accepted}, got {number}{note}; {fix}")
+    return number
+
+
+def _check_workers(workers: object) -> int | None:
+    """``workers`` as ``None`` (CPU count) or an int ``>= 1``."""
+    if workers is None:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral):
+        raise TypeError(
+            f"workers must be None (one per CPU) or an int >= 1, got "
+            f"{type(workers).__name__} {_show(workers)}; pass e.g. workers=4"
+        )
+    if int(workers) < 1:
+        raise ValueError(
+            f"workers must be None (one per CPU) or an int >= 1, got {int(workers)}; "
+            f"pass e.g. workers=4"
+        )
+    return int(workers)
+
+
+def check_limits(
+    *, timeout: object, memory_mb: object, workers: object = None
+) -> tuple[float, int, int | None]:
+    """Validate the sandbox options that tasks pass through, before any work starts.
+
+    Args:
+        timeout: Wall-clock seconds per program: a finite number in
+            ``(0, MAX_TIMEOUT_S]``.
+        memory_mb: ``RLIMIT_AS`` in MiB: an int in ``[MIN_MEMORY_MB, MAX_MEMORY_MB]``
+            (there is no "no limit" value; ``bool`` is not an int here).
+        workers: ``None`` (one per CPU) or an int ``>= 1``.
+
+    Returns:
+        ``(timeout, memory_mb, workers)`` as ``float``, ``int`` and ``int | None``.
+
+    Raises:
+        TypeError: A value of the wrong type (one line, naming the option).
+        ValueError: A value out of range, NaN or infinite (one line, naming the option).
+    """
+    return (
+        _check_timeout(timeout),
+        _check_int("memory_mb", memory_mb, MIN_MEMORY_MB, MAX_MEMORY_MB, "MiB", 1024),
+        _check_workers(workers),
+    )
+
+
+def _check_source(source: object, label: str) -> None:
+    """Raise a one-line error if ``source`` is not a str that encodes as UTF-8."""
+    if not isinstance(source, str):
+        kind = type(source).__name__
+        if isinstance(source, (bytes, bytearray)):
+            fix = "decode it first, e.g. source.decode('utf-8')"
+        elif source is None:
+            fix = "pass the program text (was the program never built?)"
+        else:
+            fix = "pass the program text as str"
+        raise TypeError(f"{label} must be a str of Python source, got {kind}; {fix}")
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = source[exc.start]
+        line = source.count("\n", 0, exc.start) + 1
+        raise ValueError(
+            f"{label} holds a lone surrogate {bad!r} at index {exc.start} (line {line}), "
+            f"which is not valid UTF-8; repair or drop it, e.g. "
+            f"text.encode('utf-8', 'replace').decode('utf-8')"
+        ) from None
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(lines: Sequence[str]) -> None:
+    """Issue each degradation line once per process as a `RuntimeWarning`."""
+    for line in lines:
+        with _warned_lock:
+            if line in _warned:
+                continue
+            _warned.add(line)
+        warnings.warn(f"sandbox isolation degraded: {line}", RuntimeWarning, stacklevel=4)
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
@@ -566,16 +784,33 @@ def run_program(
 ) -> ExecResult:
     """Run one untrusted Python program in the sandbox.
 
+    All arguments are checked before anything starts.
+
     Args:
-        source: Full program text (solution plus its asserts).
-        timeout: Wall-clock limit in seconds; ``RLIMIT_CPU`` is ``timeout + 1``.
-        memory_mb: ``RLIMIT_AS`` in MiB for every process of the program.
-        nproc: ``RLIMIT_NPROC`` (processes and threads of the sandbox uid).
-        max_file_bytes: ``RLIMIT_FSIZE`` in bytes.
+        source: Full program text (solution plus its asserts); a str that encodes as
+            UTF-8 (no lone surrogates).
+        timeout: Wall-clock limit in seconds, a finite number in ``(0, MAX_TIMEOUT_S]``;
+            ``RLIMIT_CPU`` is ``int(timeout) + 2``.
+        memory_mb: ``RLIMIT_AS`` in MiB for every process of the program, an int in
+            ``[MIN_MEMORY_MB, MAX_MEMORY_MB]`` (there is no "no limit" value).
+        nproc: ``RLIMIT_NPROC`` (processes and threads of the sandbox uid), an int >= 1.
+        max_file_bytes: ``RLIMIT_FSIZE`` in bytes, an int >= 1.
 
     Returns:
         The `ExecResult`; see the module docstring for the status semantics.
+
+    Raises:
+        TypeError: ``source`` is not a str, or an option has the wrong type.
+        ValueError: ``source`` holds a lone surrogate, or an option is out of range.
+        SandboxError: The isolation could not be set up (e.g. a mount failed); the
+            program did not run.
     """
+    _check_source(source, "source")
+    timeout, memory_mb, _ = check_limits(timeout=timeout, memory_mb=memory_mb)
+    nproc = _check_int("nproc", nproc, 1, 1 << 22, "processes", DEFAULT_NPROC)
+    max_file_bytes = _check_int(
+        "max_file_bytes", max_file_bytes, 1, 1 << 62, "bytes", DEFAULT_FSIZE
+    )
     python, expose = _interpreter_plan()
     with _uid_slot() as uid:
         return _run_one(source, timeout, memory_mb, nproc, max_file_bytes, uid, python, expose)
@@ -638,7 +873,9 @@ def _run_one(
             "info_fd": info_w,
             "close": [nonce_r, result_w],
             "expose": expose,
-            "writable": _world_writable_dirs() if uid is not None else [],
+            "scratch": _world_writable_dirs() if uid is not None else [],
+            "scratch_bytes": SCRATCH_BYTES,
+            "scratch_inodes": SCRATCH_INODES,
             "mask": [_PROJECT_ROOT] if uid is not None else [],
         }
         start = time.monotonic()
@@ -714,6 +951,14 @@ def _run_one(
         stderr = _decode(bufs[proc.stderr.fileno()], dropped[proc.stderr.fileno()])
         proc.stdout.close()
         proc.stderr.close()
+        if "setup_error" in infos:
+            detail = " ".join(str(infos["setup_error"]).split())
+            raise SandboxError(
+                f"sandbox set-up failed, program not run: {detail}; the documented "
+                f"isolation needs root with mount namespaces and writable mount points"
+            )
+        degraded = tuple(" ".join(str(d).split()) for d in infos.get("degraded") or ())
+        _warn_once(degraded)
         if "error" in infos:
             stderr += f"\n[sandbox] {infos['error']}"
 
@@ -741,6 +986,7 @@ def _run_one(
             mount_namespace=bool(infos.get("mnt")),
             uid=uid,
             pgid=proc.pid,
+            degraded=degraded,
         )
     finally:
         for fd in fds:
@@ -760,34 +1006,67 @@ def run_programs(
     """Run many programs in parallel sandboxes.
 
     A thread pool drives one sandboxed subprocess per program (threads only wait
-    on pipes, so the GIL is not a bottleneck).
+    on pipes, so the GIL is not a bottleneck). Every source and option is checked
+    before the first program starts.
 
     Args:
-        sources: Program texts.
-        timeout: Per-program wall-clock limit in seconds.
-        workers: Parallel programs; default ``os.cpu_count()``.
+        sources: Program texts, each a str that encodes as UTF-8 (a single str is
+            rejected: use `run_program`).
+        timeout: Per-program wall-clock limit in seconds (see `run_program`).
+        workers: Parallel programs, an int >= 1; default ``os.cpu_count()``.
         progress: Show a tqdm progress bar.
-        memory_mb: Per-process ``RLIMIT_AS`` in MiB.
+        memory_mb: Per-process ``RLIMIT_AS`` in MiB (see `run_program`).
 
     Returns:
         One `ExecResult` per source, in input order.
+
+    Raises:
+        TypeError: ``sources`` is not a sequence of str (the message names the index),
+            or an option has the wrong type.
+        ValueError: A source holds a lone surrogate (the message names the index), or an
+            option is out of range.
+        SandboxError: The isolation could not be set up; programs not yet started are
+            cancelled.
     """
-    n_workers = max(1, workers or os.cpu_count() or 1)
-    results: list[ExecResult | None] = [None] * len(sources)
+    if isinstance(sources, (str, bytes, bytearray)):
+        raise TypeError(
+            f"sources must be a sequence of program strings, got one {type(sources).__name__}; "
+            f"use run_program for a single program or pass [source]"
+        )
+    try:
+        srcs = list(sources)
+    except TypeError:
+        raise TypeError(
+            f"sources must be a sequence of program strings, got {type(sources).__name__}; "
+            f"pass a list of str"
+        ) from None
+    for i, src in enumerate(srcs):
+        _check_source(src, f"sources[{i}]")
+    timeout, memory_mb, n_given = check_limits(
+        timeout=timeout, memory_mb=memory_mb, workers=workers
+    )
+    n_workers = n_given or os.cpu_count() or 1
+    results: list[ExecResult | None] = [None] * len(srcs)
     bar = None
     if progress:
-        bar = tqdm(total=len(sources), desc="sandbox", unit="prog")
+        bar = tqdm(total=len(srcs), desc="sandbox", unit="prog")
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="sandbox") as pool:
         futures = {
             pool.submit(run_program, src, timeout, memory_mb=memory_mb): i
-            for i, src in enumerate(sources)
+            for i, src in enumerate(srcs)
         }
-        for fut in futures:
-            results[futures[fut]] = fut.result()
+        try:
+            for fut in futures:
+                results[futures[fut]] = fut.result()
+                if bar is not None:
+                    bar.update(1)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()  # do not start the rest after a set-up error or Ctrl-C
+            raise
+        finally:
             if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+                bar.close()
     return [r for r in results if r is not None]
 
 

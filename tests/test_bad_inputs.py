@@ -106,7 +106,7 @@ CLI_ROWS: list[tuple[str, Callable[[Path], list[str]], str]] = [
             "--data",
             _gsm(t, [GOOD, {"question": "q"}]),
         ],
-        "record 1 has no 'answer' field",
+        "record 1 lacks the required field 'answer'",
     ),
     (
         "record-3-wrong-type",
@@ -119,7 +119,7 @@ CLI_ROWS: list[tuple[str, Callable[[Path], list[str]], str]] = [
             "--data",
             _gsm(t, [GOOD, GOOD, {"question": "q", "answer": 4}]),
         ],
-        "record 2: 'answer' must be a string, got int",
+        "record 2: field 'answer' must be a string, got int",
     ),
     (
         "record-lone-surrogate",

@@ -205,6 +205,183 @@ def test_code_completion_styles_pass_in_the_sandbox() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Code tasks: every data record and option is checked before anything is decoded
+
+HE_GOOD = {
+    "task_id": "HumanEval/0",
+    "prompt": FUNC_PROMPT,
+    "test": FUNC_TEST,
+    "entry_point": "add",
+    "canonical_solution": "    return a + b\n",
+}
+MBPP_GOOD = {"task_id": 11, "text": "Add.", "code": "x = 1", "test_list": ["assert x == 1"]}
+
+
+def _mbpp_recs(*extra: dict[str, object]) -> list[dict[str, object]]:
+    shots = [dict(MBPP_GOOD, task_id=i) for i in MbppTask.shot_ids]
+    return [*shots, MBPP_GOOD, *extra]
+
+
+def _write_jsonl(path: Path, recs: list[dict[str, object]]) -> Path:
+    # json.dumps escapes a lone surrogate as \ud800, which json.loads turns back into one.
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n", encoding="utf-8")
+    return path
+
+
+def test_code_task_data_loads_when_every_record_is_valid(tmp_path: Path) -> None:
+    he = HumanEvalTask(data_path=_write_jsonl(tmp_path / "HumanEval.jsonl", [HE_GOOD]))
+    assert [s.id for s in he.samples()] == ["HumanEval/0"]
+    mb = MbppTask(data_path=_write_jsonl(tmp_path / "mbpp.jsonl", _mbpp_recs()))
+    assert [s.id for s in mb.samples()] == ["mbpp/11"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "parts"),
+    [
+        (
+            dict(
+                HE_GOOD,
+                task_id="HumanEval/1",
+                test="def check(f):\n    assert f(1, 1) == '\ud800'\n",
+            ),
+            (
+                "record 1 (task_id 'HumanEval/1'): field 'test' holds a lone surrogate '\\ud800'",
+                "not valid UTF-8",
+                "repair that character",
+            ),
+        ),
+        (
+            dict(HE_GOOD, task_id="HumanEval/1", prompt="def add(a, b):\n    '''\udcff'''\n"),
+            ("record 1 (task_id 'HumanEval/1'): field 'prompt' holds a lone surrogate",),
+        ),
+        (
+            {k: v for k, v in HE_GOOD.items() if k != "test"},
+            (
+                "record 1 (task_id 'HumanEval/0') lacks the required field 'test'",
+                "fix or drop that record",
+            ),
+        ),
+        (
+            dict(HE_GOOD, prompt=None),
+            ("record 1 (task_id 'HumanEval/0') lacks the required field 'prompt'",),
+        ),
+        (
+            dict(HE_GOOD, entry_point=["add"]),
+            ("record 1 (task_id 'HumanEval/0'): field 'entry_point' must be a string, got list",),
+        ),
+        (
+            dict(HE_GOOD, entry_point="add(1)"),
+            ("field 'entry_point' must be a Python function name",),
+        ),
+        (
+            dict(HE_GOOD, task_id=True),
+            ("record 1: field 'task_id' must be a string or an integer",),
+        ),
+    ],
+    ids=[
+        "surrogate-test",
+        "surrogate-prompt",
+        "missing",
+        "null",
+        "wrong-type",
+        "not-a-name",
+        "bool-id",
+    ],
+)
+def test_humaneval_bad_record_is_a_one_line_error_at_load(
+    tmp_path: Path, bad: dict[str, object], parts: tuple[str, ...]
+) -> None:
+    path = _write_jsonl(tmp_path / "HumanEval.jsonl", [HE_GOOD, bad])
+    task = HumanEvalTask(data_path=path)
+    with pytest.raises(TaskDataError) as err:
+        task.samples()  # the evaluator calls this before it decodes anything
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in msg, msg
+    assert msg.startswith(f"humaneval: {str(path)!r} "), msg
+    for part in parts:
+        assert part in msg, (part, msg)
+
+
+@pytest.mark.parametrize(
+    ("bad", "parts"),
+    [
+        (
+            dict(MBPP_GOOD, task_id=12, test_list=["assert x == 1", "assert '\ud800'"]),
+            ("record 4 (task_id 12): field 'test_list'[1] holds a lone surrogate '\\ud800'",),
+        ),
+        (
+            dict(MBPP_GOOD, task_id=12, test_setup_code="s = '\udfff'"),
+            ("record 4 (task_id 12): field 'test_setup_code' holds a lone surrogate",),
+        ),
+        (
+            dict(MBPP_GOOD, task_id=12, extra={"note": "\ud800"}),
+            ("record 4 (task_id 12): field 'extra'['note'] holds a lone surrogate",),
+        ),
+        (
+            dict(MBPP_GOOD, task_id=12, test_list=["assert True", 3]),
+            (
+                "record 4 (task_id 12): field 'test_list' must be a list of strings, got a list "
+                "holding int",
+            ),
+        ),
+        (
+            dict(MBPP_GOOD, task_id=12, test_list="assert True"),
+            ("field 'test_list' must be a list of strings, got str",),
+        ),
+        (dict(MBPP_GOOD, task_id=12, test_list=[]), ("field 'test_list' is empty",)),
+        (
+            {k: v for k, v in MBPP_GOOD.items() if k != "code"} | {"task_id": 12},
+            ("record 4 (task_id 12) lacks the required field 'code'",),
+        ),
+        (dict(MBPP_GOOD, task_id="twelve"), ("field 'task_id' must be an integer",)),
+        (dict(MBPP_GOOD), ("record 4 (task_id 11): task_id 11 appears twice",)),
+    ],
+    ids=[
+        "surrogate-test",
+        "surrogate-setup",
+        "surrogate-nested",
+        "list-of-int",
+        "str-not-list",
+        "empty-tests",
+        "missing",
+        "bad-id",
+        "duplicate",
+    ],
+)
+def test_mbpp_bad_record_is_a_one_line_error_at_load(
+    tmp_path: Path, bad: dict[str, object], parts: tuple[str, ...]
+) -> None:
+    path = _write_jsonl(tmp_path / "mbpp.jsonl", _mbpp_recs(bad))
+    task = MbppTask(data_path=path)
+    with pytest.raises(TaskDataError) as err:
+        task.samples()
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in msg, msg
+    assert msg.startswith(f"mbpp: {str(path)!r} "), msg
+    for part in parts:
+        assert part in msg, (part, msg)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind", "name"),
+    [
+        ({"memory_mb": -1}, ValueError, "memory_mb"),
+        ({"memory_mb": 1.5}, TypeError, "memory_mb"),
+        ({"timeout": float("nan")}, ValueError, "timeout"),
+        ({"timeout": 0}, ValueError, "timeout"),
+        ({"workers": 0}, ValueError, "workers"),
+    ],
+)
+@pytest.mark.parametrize("cls", [HumanEvalTask, MbppTask])
+def test_code_task_bad_sandbox_options_fail_at_construction(
+    cls: type, kwargs: dict[str, object], kind: type[Exception], name: str
+) -> None:
+    with pytest.raises(kind) as err:
+        cls(**kwargs)
+    assert str(err.value).startswith(f"{name} must be ") and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------
 # Data loading
 
 

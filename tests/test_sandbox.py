@@ -309,3 +309,275 @@ def test_project_is_not_importable() -> None:
 def test_sigsegv_is_crashed() -> None:
     res = run("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     assert res.status == "crashed" and res.returncode == -signal.SIGSEGV
+
+
+# ------------------------------------------------------------------------ argument checks
+def _nothing_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any program would be started."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a program was started despite a bad argument")
+
+    monkeypatch.setattr(sandbox, "_run_one", fail)
+
+
+def _one_line(err: pytest.ExceptionInfo[BaseException], *parts: str) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    for part in parts:
+        assert part in msg, (part, msg)
+    return msg
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (-1, ValueError),
+        (0, ValueError),
+        (sandbox.MIN_MEMORY_MB - 1, ValueError),
+        (sandbox.MAX_MEMORY_MB + 1, ValueError),
+        (True, TypeError),
+        (1.5, TypeError),
+        (float("nan"), TypeError),
+        (None, TypeError),
+        ("512", TypeError),
+    ],
+    ids=["-1", "0", "below-min", "above-max", "bool", "float", "nan", "None", "str"],
+)
+def test_bad_memory_mb_is_a_one_line_error(
+    value: object, kind: type[Exception], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nothing_may_run(monkeypatch)
+    accepted = f"memory_mb must be an int number of MiB in [{sandbox.MIN_MEMORY_MB}, "
+    for call in (
+        lambda: run_program("pass", memory_mb=value),  # type: ignore[arg-type]
+        lambda: run_programs(["pass"], memory_mb=value),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(kind) as err:
+            call()
+        msg = _one_line(err, accepted, "pass e.g. memory_mb=1024")
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value <= 0):
+            assert "there is no 'no limit' value" in msg
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (-float("inf"), ValueError),
+        (0, ValueError),
+        (-1.0, ValueError),
+        (sandbox.MAX_TIMEOUT_S * 2, ValueError),
+        ("5", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ],
+    ids=["nan", "inf", "-inf", "0", "negative", "too-long", "str", "None", "bool"],
+)
+def test_bad_timeout_is_a_one_line_error(
+    value: object, kind: type[Exception], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nothing_may_run(monkeypatch)
+    for call in (
+        lambda: run_program("pass", timeout=value),  # type: ignore[arg-type]
+        lambda: run_programs(["pass"], timeout=value),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(kind) as err:
+            call()
+        _one_line(err, "timeout must be a number of seconds in (0, 86400]", "timeout=10.0")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind", "name"),
+    [
+        ({"nproc": -1}, ValueError, "nproc"),
+        ({"nproc": 2.0}, TypeError, "nproc"),
+        ({"max_file_bytes": 0}, ValueError, "max_file_bytes"),
+        ({"max_file_bytes": None}, TypeError, "max_file_bytes"),
+    ],
+)
+def test_bad_rlimits_are_one_line_errors(
+    kwargs: dict[str, object], kind: type[Exception], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nothing_may_run(monkeypatch)
+    with pytest.raises(kind) as err:
+        run_program("pass", **kwargs)  # type: ignore[arg-type]
+    _one_line(err, f"{name} must be an int", f"pass e.g. {name}=")
+
+
+@pytest.mark.parametrize(
+    ("workers", "kind"), [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_bad_workers_is_a_one_line_error(
+    workers: object, kind: type[Exception], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nothing_may_run(monkeypatch)
+    with pytest.raises(kind) as err:
+        run_programs(["pass"], workers=workers)  # type: ignore[arg-type]
+    _one_line(err, "workers must be None (one per CPU) or an int >= 1", "workers=4")
+
+
+@pytest.mark.parametrize(
+    ("bad", "kind", "parts"),
+    [
+        (b"pass", TypeError, ("must be a str of Python source, got bytes", "decode it first")),
+        (None, TypeError, ("must be a str of Python source, got NoneType", "program text")),
+        (
+            "x = 1\ny = '\ud800'\n",
+            ValueError,
+            ("holds a lone surrogate '\\ud800' at index 11 (line 2)", "not valid UTF-8"),
+        ),
+    ],
+    ids=["bytes", "None", "lone-surrogate"],
+)
+def test_bad_sources_are_rejected_before_any_program_starts(
+    bad: object, kind: type[Exception], parts: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nothing_may_run(monkeypatch)
+    with pytest.raises(kind) as err:
+        run_program(bad)  # type: ignore[arg-type]
+    assert str(err.value).startswith("source ")
+    _one_line(err, *parts)
+    # run_programs checks every source first: the good ones before it never start.
+    with pytest.raises(kind) as err:
+        run_programs(["pass", "assert True", bad, "pass"])  # type: ignore[list-item]
+    assert str(err.value).startswith("sources[2] ")
+    _one_line(err, *parts)
+
+
+def test_a_single_string_is_not_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    _nothing_may_run(monkeypatch)
+    with pytest.raises(TypeError) as err:
+        run_programs("print(1)")
+    _one_line(err, "got one str", "use run_program")
+
+
+# ------------------------------------------------------------------------ scratch dirs
+#: The usual world-writable dirs this host has (programs may expect to write there).
+SCRATCH_DIRS = [
+    d
+    for d in ("/var/tmp", "/run/lock", "/dev/shm")
+    if os.path.realpath(d) in sandbox._world_writable_dirs()
+]
+
+
+def test_multiprocessing_lock_and_scratch_dirs_are_writable() -> None:
+    name = f"dlm_sbx_scratch_{secrets.token_hex(6)}"
+    targets = [Path(d) / name for d in ["/tmp", *SCRATCH_DIRS]]
+    try:
+        res = run(
+            f"""
+            import multiprocessing, os
+            lock = multiprocessing.Lock()  # a POSIX semaphore in /dev/shm
+            with lock:
+                pass
+            child = multiprocessing.get_context("fork").Process(target=lock.acquire)
+            child.start()
+            child.join(5)
+            assert child.exitcode == 0, child.exitcode
+            for path in {[str(t) for t in targets]!r}:
+                with open(path, "w") as f:
+                    f.write("scratch")
+                with open(path) as f:
+                    assert f.read() == "scratch"
+            print("ok")
+            """,
+            timeout=20.0,
+        )
+        assert res.status == "passed", res
+        assert res.stdout == "ok\n" and res.degraded == ()
+        if res.mount_namespace:
+            # Private scratch space: nothing reached the host, and it died with the run.
+            assert [t for t in targets if t.exists()] == []
+        assert_gone(res)
+    finally:
+        for t in targets:
+            t.unlink(missing_ok=True)
+
+
+def test_scratch_space_is_size_limited() -> None:
+    if not isolation_info().mount_namespace:
+        pytest.skip("no mount namespace here: the program writes to the host's directories")
+    res = run(
+        """
+        import errno
+        total = 0
+        chunk = b"x" * (1 << 20)
+        for i in range(1000):
+            try:
+                with open(f"/dev/shm/f{i}", "wb") as f:
+                    f.write(chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+            total += len(chunk)
+        else:
+            raise AssertionError("no size limit")
+        print(total)
+        """,
+        timeout=20.0,
+    )
+    assert res.status == "passed", res
+    assert sandbox.SCRATCH_BYTES // 2 < int(res.stdout) <= sandbox.SCRATCH_BYTES
+
+
+def test_program_does_not_see_the_host_work_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+    real_mkdtemp = sandbox.tempfile.mkdtemp
+
+    def recording_mkdtemp(*args: object, **kwargs: object) -> str:
+        path = real_mkdtemp(*args, **kwargs)  # type: ignore[call-overload]
+        made.append(path)
+        return path
+
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", recording_mkdtemp)
+    res = run(
+        """
+        import os, sys
+        print(open("/proc/self/mountinfo").read())
+        print("CWD", os.getcwd(), sys.argv[0], __file__)
+        print("ENV", sorted(os.environ.items()))
+        print("CMD", open("/proc/self/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+        """,
+        timeout=10.0,
+    )
+    assert res.status == "passed", res
+    assert len(made) == 1
+    workdir = made[0]
+    mountinfo = res.stdout.split("CWD", 1)[0]
+    assert "/proc" in mountinfo  # the program really read it
+    assert workdir not in mountinfo and "dlm_sbx_" not in mountinfo, mountinfo
+    if res.mount_namespace:
+        # The work dir is the private /tmp: no path, variable or argument names the host's.
+        assert workdir not in res.stdout and "dlm_sbx_" not in res.stdout, res.stdout
+        assert "CWD /tmp /tmp/program.py /tmp/program.py" in res.stdout
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounts are only set up as root")
+def test_failed_mount_is_an_error_not_a_failed_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not isolation_info().mount_namespace:
+        pytest.skip("no mount namespace here")
+    missing = f"/nonexistent_dlm_{secrets.token_hex(6)}"
+    real = sandbox._world_writable_dirs
+    monkeypatch.setattr(sandbox, "_world_writable_dirs", lambda: [*real(), missing])
+    started: list[str] = []
+    real_mkdtemp = sandbox.tempfile.mkdtemp
+
+    def recording_mkdtemp(*args: object, **kwargs: object) -> str:
+        path = real_mkdtemp(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(path)
+        return path
+
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", recording_mkdtemp)
+    with pytest.raises(sandbox.SandboxError) as err:
+        run_program("print('must not run')\n", timeout=10.0)
+    _one_line(err, "sandbox set-up failed, program not run", f"on {missing}:")
+    # A batch stops at the first set-up error instead of scoring every program "failed".
+    with pytest.raises(sandbox.SandboxError):
+        run_programs(["pass"] * 20, timeout=10.0, workers=1)
+    assert len(started) <= 1 + 3  # the rest were cancelled
+    for path in started:
+        assert not Path(path).exists()  # work dirs are cleaned up all the same
+    monkeypatch.undo()
+    assert_harness_ok()

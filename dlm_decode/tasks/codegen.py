@@ -20,6 +20,11 @@ tasks:
    bare expressions (the model's own usage examples, which may be wrong or slow, and
    stray words of prose that happen to parse).
 
+Every data record is checked when the data loads, before anything is decoded: required
+fields present with the right types, and every string valid UTF-8 (a lone surrogate in a
+test would otherwise abort the evaluation in the sandbox); a bad record raises a one-line
+[`TaskDataError`][dlm_decode.tasks.common.TaskDataError] naming it.
+
 HumanEval completions that restate the signature (``def entry_point(...)``) are appended
 to the prompt as a new definition (the prompt's own stub stays valid Python and keeps its
 imports and helper functions); completions that give only the body are appended to the
@@ -36,14 +41,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dlm_decode.sandbox import ExecResult, run_program, run_programs
+from dlm_decode.sandbox import ExecResult, check_limits, run_program, run_programs
 from dlm_decode.tasks.base import Sample, Task
 from dlm_decode.tasks.common import (
+    ID,
+    STR,
+    STR_LIST,
     TaskDataError,
     assemble_nshot,
+    check_records,
     find_data_file,
     load_hub,
     load_records,
+    record_label,
     truncate_at,
 )
 
@@ -209,10 +219,15 @@ class CodeTask(Task):
     source) and the data loading.
 
     Args:
-        timeout: wall-clock seconds per program.
+        timeout: wall-clock seconds per program (a finite number > 0).
         workers: programs run in parallel by
-            [`score_batch`][dlm_decode.tasks.codegen.CodeTask.score_batch] (default: CPU count).
-        memory_mb: address-space limit per program.
+            [`score_batch`][dlm_decode.tasks.codegen.CodeTask.score_batch] (default: CPU
+            count; else an int >= 1).
+        memory_mb: address-space limit per program in MiB (an int; no "no limit" value).
+
+    Raises:
+        TypeError: an option of the wrong type (one line, naming it).
+        ValueError: an option out of range (one line, naming it and the range).
     """
 
     chat: ClassVar[bool] = True
@@ -220,9 +235,9 @@ class CodeTask(Task):
     def __init__(
         self, *, timeout: float = 10.0, workers: int | None = None, memory_mb: int = 1024
     ) -> None:
-        self.timeout = float(timeout)
-        self.workers = workers
-        self.memory_mb = int(memory_mb)
+        self.timeout, self.memory_mb, self.workers = check_limits(
+            timeout=timeout, memory_mb=memory_mb, workers=workers
+        )
 
     def program(self, sample: Sample, completion: str) -> tuple[str, str]:
         """``(solution code, full test program)`` for a completion."""
@@ -327,7 +342,8 @@ class HumanEvalTask(CodeTask):
         memory_mb: address-space limit per program.
 
     Raises:
-        ValueError: ``shots`` other than 0.
+        ValueError: ``shots`` other than 0, or ``timeout`` / ``memory_mb`` / ``workers``
+            out of range (``TypeError`` for a wrong type).
         FileNotFoundError: ``data_path`` does not exist.
     """
 
@@ -355,19 +371,40 @@ class HumanEvalTask(CodeTask):
         self._records: list[dict[str, Any]] | None = None
 
     def _load(self) -> list[dict[str, Any]]:
+        """Load and check every record (see `check_records`) before anything decodes."""
         if self._records is None:
             if self.data_file is not None:
                 recs = load_records(self.data_file)
+                where = repr(str(self.data_file))
             else:
-                recs = load_hub(*self.hub, ["test"], task=self.name)["test"]
-            need = {"task_id", "prompt", "test", "entry_point"}
-            if not need <= set(recs[0]):
-                raise TaskDataError(f"humaneval records need {sorted(need)}, got {sorted(recs[0])}")
+                recs = list(load_hub(*self.hub, ["test"], task=self.name)["test"])
+                where = f"hub dataset {self.hub[0]}"
+            check_records(
+                recs,
+                task=self.name,
+                where=where,
+                required={"task_id": ID, "prompt": STR, "test": STR, "entry_point": STR},
+                optional={"canonical_solution": STR},
+            )
+            for i, r in enumerate(recs):
+                if not r["entry_point"].isidentifier():
+                    raise TaskDataError(
+                        f"{self.name}: {where} {record_label(i, r)}: field 'entry_point' must "
+                        f"be a Python function name, got {r['entry_point']!r:.60}; fix or drop "
+                        f"that record"
+                    )
             self._records = recs
         return self._records
 
     def samples(self, limit: int | None = None) -> list[Sample]:
-        """The problems (first ``limit``); ``meta`` holds test, entry point and solution."""
+        """The problems (first ``limit``); ``meta`` holds test, entry point and solution.
+
+        Raises:
+            TaskDataError: a record lacks ``task_id``, ``prompt``, ``test`` or
+                ``entry_point``, has one of the wrong type, or holds text that is not valid
+                UTF-8 (one line naming the record, the field and the fix); every record is
+                checked when the data loads, before anything is decoded.
+        """
         recs = self._load()
         recs = recs if limit is None else recs[:limit]
         return [
@@ -439,7 +476,8 @@ class MbppTask(CodeTask):
         memory_mb: address-space limit per program.
 
     Raises:
-        ValueError: ``shots`` outside 0–3.
+        ValueError: ``shots`` outside 0–3, or ``timeout`` / ``memory_mb`` / ``workers``
+            out of range (``TypeError`` for a wrong type).
         FileNotFoundError: ``data_path`` does not exist.
     """
 
@@ -475,16 +513,42 @@ class MbppTask(CodeTask):
         self._by_id: dict[int, dict[str, Any]] | None = None
 
     def _load(self) -> dict[int, dict[str, Any]]:
+        """Load and check every record (see `check_records`) before anything decodes."""
         if self._by_id is None:
             if self.data_file is not None:
                 recs = load_records(self.data_file)
+                where = repr(str(self.data_file))
             else:
                 splits = load_hub(*self.hub, ["prompt", "test"], task=self.name)
                 recs = [r for split in splits.values() for r in split]
-            need = {"task_id", "text", "code", "test_list"}
-            if not need <= set(recs[0]):
-                raise TaskDataError(f"mbpp records need {sorted(need)}, got {sorted(recs[0])}")
-            self._by_id = {int(r["task_id"]): r for r in recs}
+                where = f"hub dataset {self.hub[0]}"
+            check_records(
+                recs,
+                task=self.name,
+                where=where,
+                required={"task_id": ID, "text": STR, "code": STR, "test_list": STR_LIST},
+                optional={"test_setup_code": STR, "challenge_test_list": STR_LIST},
+            )
+            by_id: dict[int, dict[str, Any]] = {}
+            for i, r in enumerate(recs):
+                label = f"{self.name}: {where} {record_label(i, r)}"
+                tid = r["task_id"]
+                if isinstance(tid, str) and not (tid.isascii() and tid.isdigit()):
+                    raise TaskDataError(
+                        f"{label}: field 'task_id' must be an integer (or a string of digits), "
+                        f"got {tid!r:.60}; fix or drop that record"
+                    )
+                if not r["test_list"]:
+                    raise TaskDataError(
+                        f"{label}: field 'test_list' is empty, so any program would pass; "
+                        f"give the task's asserts or drop that record"
+                    )
+                if int(tid) in by_id:
+                    raise TaskDataError(
+                        f"{label}: task_id {int(tid)} appears twice; keep one of the two records"
+                    )
+                by_id[int(tid)] = r
+            self._by_id = by_id
             missing = [i for i in self.shot_ids[: self.shots] if i not in self._by_id]
             if missing:
                 raise TaskDataError(
@@ -507,7 +571,15 @@ class MbppTask(CodeTask):
         return assemble_nshot(shots, _mbpp_query(record))
 
     def samples(self, limit: int | None = None) -> list[Sample]:
-        """The test problems 11–510 present in the data (first ``limit``)."""
+        """The test problems 11–510 present in the data (first ``limit``).
+
+        Raises:
+            TaskDataError: a record lacks ``task_id``, ``text``, ``code`` or ``test_list``,
+                has one of the wrong type or an empty ``test_list``, repeats a task id, or
+                holds text that is not valid UTF-8 (one line naming the record, the field
+                and the fix); every record is checked when the data loads, before anything
+                is decoded.
+        """
         by_id = self._load()
         recs = [by_id[i] for i in self.test_ids if i in by_id]
         if not recs:

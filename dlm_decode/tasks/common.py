@@ -14,11 +14,15 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ID",
+    "STR",
+    "STR_LIST",
+    "FieldSpec",
     "TaskDataError",
     "assemble_nshot",
     "check_records",
@@ -29,6 +33,7 @@ __all__ = [
     "load_records",
     "normalize_number",
     "numbers_equal",
+    "record_label",
     "truncate_at",
 ]
 
@@ -109,70 +114,101 @@ def _too_deep(path: Path, line: int | None = None) -> TaskDataError:
     )
 
 
-def _type_names(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
+#: ``(accepted types, description)`` of a record field's value (see
+#: [`check_records`][dlm_decode.tasks.common.check_records]).
+FieldSpec = tuple[tuple[type, ...], str]
+STR: FieldSpec = ((str,), "a string")
+STR_LIST: FieldSpec = ((list,), "a list of strings")
+ID: FieldSpec = ((str, int), "a string or an integer")
 
 
-def _bad_text(value: Any) -> str | None:
-    """Where ``value`` (a string, or lists/objects of them) cannot be written as UTF-8."""
+def record_label(index: int, rec: dict[str, Any]) -> str:
+    """``record 3 (task_id 'HumanEval/3')``: a record as messages name it."""
+    tid = rec.get("task_id")
+    if isinstance(tid, (str, int)) and not isinstance(tid, bool):
+        return f"record {index} (task_id {' '.join(repr(tid).split())[:60]})"
+    return f"record {index}"
+
+
+def _unencodable(value: Any, path: str) -> tuple[str, str] | None:
+    """``(field path, problem)`` for the first string in ``value`` that is not valid UTF-8."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            return f"holds a lone surrogate {value[exc.start]!r} at character {exc.start}"
+            return path, f"holds a lone surrogate {value[exc.start]!r} at character {exc.start}"
         return None
     if isinstance(value, list):
-        return next((b for b in map(_bad_text, value) if b), None)
+        for j, item in enumerate(value):
+            if bad := _unencodable(item, f"{path}[{j}]"):
+                return bad
     if isinstance(value, dict):
-        return next((b for b in map(_bad_text, value.values()) if b), None)
+        for key, item in value.items():
+            if bad := _unencodable(key, f"a key in {path}") or _unencodable(
+                item, f"{path}[{key!r}]"
+            ):
+                return bad
     return None
 
 
 def check_records(
-    records: Sequence[Mapping[str, Any]],
-    fields: Mapping[str, type | tuple[type, ...]],
+    recs: Sequence[Any],
     *,
-    what: str,
-    optional: Mapping[str, type | tuple[type, ...]] | None = None,
+    task: str,
+    where: str,
+    required: dict[str, FieldSpec],
+    optional: dict[str, FieldSpec],
 ) -> None:
-    """Check every record (not only the first) before any decoding starts.
+    """Check every record of a task's data before any decoding starts (not only the first).
 
     Args:
-        records: the loaded records.
-        fields: required field → accepted type(s).
-        what: the records' name in messages (``gsm8k test``).
-        optional: fields that may be missing or ``None`` but, when set, must have the type.
+        recs: the loaded records.
+        task: the task name for messages.
+        where: the data's origin (file path or hub id) for messages.
+        required: fields every record must have, with their accepted types.
+        optional: fields that may be missing or ``None`` but otherwise must have the type.
 
     Raises:
-        TaskDataError: one line naming the record (its 0-based index), the field, the
-            problem and the fix: a missing field, a value of the wrong type (``bool`` is
-            not a number here), or text that cannot be encoded as UTF-8.
+        TaskDataError: one line naming the record (0-based index and task id), the field,
+            the problem and the fix.
     """
-    checks = [(k, t, True) for k, t in fields.items()]
-    checks += [(k, t, False) for k, t in (optional or {}).items()]
-    for i, rec in enumerate(records):
-        for key, kind, required in checks:
+    fix = "fix or drop that record"
+    if not recs:
+        raise TaskDataError(f"{task}: {where} holds no records; point --data at the {task} file")
+    for i, rec in enumerate(recs):
+        if not isinstance(rec, dict):
+            raise TaskDataError(
+                f"{task}: {where} record {i} is a {type(rec).__name__}, not an object with "
+                f"the fields {sorted(required)}; {fix}"
+            )
+        label = f"{task}: {where} {record_label(i, rec)}"
+        for key, (kinds, desc) in [*required.items(), *optional.items()]:
             value = rec.get(key)
             if value is None:
-                if required:
+                if key in required:
                     raise TaskDataError(
-                        f"{what} record {i} has no {key!r} field (it has {sorted(rec)}); "
-                        f"every record needs {sorted(fields)} — fix or drop that record"
+                        f"{label} lacks the required field {key!r} (every record needs "
+                        f"{', '.join(sorted(required))}); {fix}"
                     )
                 continue
-            if isinstance(value, bool) or not isinstance(value, kind):
+            ok = isinstance(value, kinds) and not isinstance(value, bool)
+            if ok and kinds == (list,):
+                ok = all(isinstance(item, str) for item in value)
+            if not ok:
+                got = type(value).__name__
+                if isinstance(value, list) and kinds == (list,):
+                    got = "a list holding " + ", ".join(
+                        sorted({type(v).__name__ for v in value if not isinstance(v, str)})
+                    )
+                raise TaskDataError(f"{label}: field {key!r} must be {desc}, got {got}; {fix}")
+        for key, value in rec.items():
+            bad = _unencodable(key, "a field name") or _unencodable(value, f"field {key!r}")
+            if bad is not None:
                 raise TaskDataError(
-                    f"{what} record {i}: {key!r} must be {_type_names(kind)}, got "
-                    f"{type(value).__name__} {value!r:.40}; fix that record"
+                    f"{label}: {bad[0]} {bad[1]}, which is not valid UTF-8 and cannot "
+                    f"be run; repair that character (e.g. re-export the data as UTF-8) or "
+                    f"drop that record"
                 )
-        bad = next(((k, b) for k, v in rec.items() if (b := _bad_text(v))), None)
-        if bad is not None:
-            raise TaskDataError(
-                f"{what} record {i}: field {bad[0]!r} {bad[1]}, which is not valid "
-                f"UTF-8; fix the file's encoding or drop that record"
-            )
 
 
 def find_data_file(path: str | Path, candidates: Sequence[str], *, what: str) -> Path:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from dlm_decode.tasks.base import Sample, Task
 from dlm_decode.tasks.common import (
+    STR,
     TaskDataError,
     assemble_nshot,
     check_records,
@@ -332,9 +333,10 @@ class MathTask(Task):
                 raise TaskDataError(errors[-1] if errors else f"{self.name}: no data")
         check_records(
             recs,
-            {"problem": str},
-            what=self.name,
-            optional={"solution": str, "answer": str},
+            task=self.name,
+            where=repr(str(self.data_file)) if self.data_file else "hub data",
+            required={"problem": STR},
+            optional={"solution": STR, "answer": STR},
         )
         for i, r in enumerate(recs):
             if not (isinstance(r.get("answer"), str) and r["answer"].strip()) and (

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from dlm_decode.tasks.base import Sample, Task
 from dlm_decode.tasks.common import (
+    STR,
     TaskDataError,
     assemble_nshot,
     check_records,
@@ -151,8 +152,16 @@ class GSM8KTask(Task):
         train: list[dict[str, Any]] = []
         if need_train:
             train = load_records(self.train_file) if self.train_file else hub["train"]
+        files = {"test": self.test_file, "train": self.train_file}
         for split, recs in (("test", test), ("train", train)):
-            check_records(recs, {"question": str, "answer": str}, what=f"gsm8k {split}")
+            if recs:
+                check_records(
+                    recs,
+                    task=self.name,
+                    where=repr(str(files[split])) if files[split] else f"hub {split} split",
+                    required={"question": STR, "answer": STR},
+                    optional={},
+                )
         self._test, self._train = test, train
 
     def fewshot_examples(self) -> list[dict[str, Any]]:
