@@ -69,9 +69,21 @@ class FakeAblTask(Task):
         return {"correct": ok, "extracted": completion[:4], "family": sample.meta["family"]}
 
 
+class FakeDupTask(FakeAblTask):
+    """Like fake_abl, but two samples share an id (a broken data file)."""
+
+    name = "fake_dup"
+
+    def samples(self, limit=None):
+        out = super().samples(None)
+        out[5].id = out[2].id
+        return out[:limit] if limit is not None else out
+
+
 @hookimpl
 def register_tasks(register):
     register(FakeAblTask)
+    register(FakeDupTask)
 
 
 from plugin_support import TaggedDual
@@ -252,7 +264,29 @@ def reference(env: dict[str, Any]) -> dict[str, Any]:
         ({"caches": ["dual", "duall"]}, "caches[1].name: unknown cache 'duall'"),
         (
             {"tasks": [{"name": "fake_abl", "limit": 0}]},
-            "tasks[0].limit: Input should be greater than or equal to 1",
+            "tasks[0].limit: must be a positive number of samples (or omitted for every "
+            "sample), got 0",
+        ),
+        (
+            {"tasks": [{"name": "fake_abl", "limit": -1}]},
+            "tasks[0].limit: must be a positive number of samples (or omitted for every "
+            "sample), got -1",
+        ),
+        (
+            {"batch_size": 0},
+            "batch_size: must be a positive integer (prompts decoded together), got 0",
+        ),
+        ({"temperature": float("inf")}, "temperature: Input should be a finite number"),
+        ({"name": ".."}, "name: '..' is not a safe sweep name"),
+        ({"name": "a/b"}, "name: 'a/b' is not a safe sweep name"),
+        ({"name": "."}, "name: '.' is not a safe sweep name"),
+        (
+            {"tasks": [{"name": "fake_abl", "shots": 2}]},
+            "tasks[0]: task 'fake_abl' does not take shots (--shots); its options: n",
+        ),
+        (
+            {"plugins": ["abl_fake_tasks", "no_such_plugin_mod"]},
+            "plugins[1]: cannot import plugin module 'no_such_plugin_mod' (No module named",
         ),
         (
             {"baseline": {"policy": "threshold", "args": {"threshold": 0.3}}},
@@ -698,6 +732,9 @@ def test_accelerate_two_processes_merge_to_the_same_rows(
     done = subprocess.run(cmd, env=e, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0/2" in done.stderr and "rank 1/2" in done.stderr
+    # A real torch.distributed barrier: rank 0 merges after it, no rank waits on markers.
+    assert "rank 0/2: every rank is done; merged 48 rows" in done.stderr
+    assert "still running" not in done.stderr and "already merged" not in done.stderr
     assert not list(out.glob("rows.rank*.jsonl"))  # merged by rank 0 after the barrier
     rows = read_rows(out / "rows.jsonl")
     assert {r["rank"] for r in rows} == {0, 1}
@@ -856,3 +893,423 @@ def test_caches_plot_has_a_point_per_cache_setting_and_length(tmp_path: Path) ->
         "dual",
         "dual(refresh_every=4)",
     ]
+
+
+# --------------------------------------------------------------------------------------
+# One-line user errors, raised before any decoding (nothing written)
+# --------------------------------------------------------------------------------------
+
+
+def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlm_decode.ablate import runner
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise AssertionError("no model may load for a user error")
+
+    monkeypatch.setattr(runner, "load_model", boom)
+
+
+def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``dlm-decode`` in-process; assert exit code 2 and one stderr line; return it."""
+    from dlm_decode import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dlm-decode: error: "), lines[0]
+    return lines[0]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_duplicate_sample_ids_fail_before_decoding(
+    env: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _no_model(monkeypatch)
+    cfg = make_config(env, tasks=[{"name": "fake_dup", "limit": 12}])
+    path = write_config(tmp_path / "dup.yaml", cfg)
+    out = tmp_path / "o"
+    for extra in ([], ["--dry-run"]):
+        msg = _one_line_error(["ablate", str(path), "--out", str(out), *extra], capsys)
+        assert "task 'fake_dup': sample id 'fake-002' occurs 2 times" in msg, msg
+        assert "ids must be unique" in msg
+        assert not out.exists()
+    # Beyond the duplicate the data is fine: a limit that stops before it runs.
+    with pytest.raises(ValueError, match="sample id 'fake-002' occurs 2 times"):
+        run_sweep(load_config(cfg), out, use_wandb=False, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--batch-size", "-1"], "argument --batch-size: must be a positive integer, got '-1'"),
+        (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+        (["--limit", "0"], "argument --limit: must be a positive integer, got '0'"),
+        (["--limit", "-3"], "argument --limit: must be a positive integer, got '-3'"),
+    ],
+)
+def test_non_positive_batch_size_and_limit_flags_are_one_line_errors(
+    env: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    expected: str,
+) -> None:
+    _no_model(monkeypatch)
+    path = write_config(tmp_path / "c.yaml", make_config(env))
+    out = tmp_path / "o"
+    msg = _one_line_error(["ablate", str(path), "--out", str(out), *flags], capsys)
+    assert expected in msg, msg
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"batch_size": 0}, "batch_size: must be a positive integer"),
+        ({"tasks": [{"name": "fake_abl", "limit": 0}]}, "tasks[0].limit: must be a positive"),
+        ({"tasks": [{"name": "fake_abl", "limit": -2}]}, "got -2"),
+    ],
+)
+def test_non_positive_yaml_batch_size_and_limit_are_one_line_errors(
+    env: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    patch: dict[str, Any],
+    expected: str,
+) -> None:
+    _no_model(monkeypatch)
+    path = write_config(tmp_path / "c.yaml", make_config(env, **patch))
+    out = tmp_path / "o"
+    msg = _one_line_error(["ablate", str(path), "--out", str(out)], capsys)
+    assert expected in msg, msg
+    assert not out.exists()
+
+
+def test_run_sweep_refuses_non_positive_limit_and_batch_size(
+    env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_model(monkeypatch)
+    cfg = load_config(make_config(env))
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=r"--batch-size must be a positive integer .* got -1"):
+        run_sweep(cfg, out, batch_size=-1, use_wandb=False)
+    with pytest.raises(ValueError, match=r"--batch-size must be a positive integer .* got 0"):
+        run_sweep(cfg, out, batch_size=0, use_wandb=False)
+    with pytest.raises(ValueError, match=r"--limit must be a positive number of samples"):
+        run_sweep(cfg, out, limit=0, use_wandb=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("patch", "flags", "expected"),
+    [
+        (
+            {"tasks": [{"name": "fake_abl", "shots": 3}]},
+            [],
+            "tasks[0]: task 'fake_abl' does not take shots",
+        ),
+        ({"model": {"name": "tiny", "device": "tpu"}}, [], "device 'tpu' is not a device"),
+        ({}, ["--device", "tpu"], "device 'tpu' is not a device"),
+        ({"temperature": float("inf")}, [], "temperature: Input should be a finite number"),
+        ({"plugins": ["missing"]}, [], "plugins[0]: cannot import plugin module 'missing'"),
+        (
+            {"policies": [{"policy": "threshold", "args": {"threshold": 0.9, "bogus": 1}}]},
+            [],
+            "policies[0].args.bogus: unknown parameter of threshold",
+        ),
+        (
+            {"caches": [{"name": "dual", "args": {"bogus": 1}}]},
+            [],
+            "caches[0].args.bogus: unknown parameter of dual",
+        ),
+        (
+            {"counterfactual": {"driver": {"policy": "frechet", "args": {"marg": 0.1}}}},
+            [],
+            "counterfactual.driver.args.marg: unknown parameter of frechet",
+        ),
+        ({"tasks": [{"name": "fake_dup"}]}, [], "sample id 'fake-002' occurs 2 times"),
+        ({"name": ".."}, [], "name: '..' is not a safe sweep name"),
+    ],
+)
+def test_dry_run_checks_everything_a_run_checks(
+    env: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    patch: dict[str, Any],
+    flags: list[str],
+    expected: str,
+) -> None:
+    _no_model(monkeypatch)
+    cfg = make_config(env, **patch)
+    if "plugins" in patch:
+        cfg["tasks"] = [{"name": "synthetic", "limit": 2}]
+    path = write_config(tmp_path / "c.yaml", cfg)
+    out = tmp_path / "o"
+    for extra in (["--dry-run"], []):  # the dry run fails exactly where the run would
+        msg = _one_line_error(["ablate", str(path), "--out", str(out), *flags, *extra], capsys)
+        assert expected in msg, msg
+        assert not out.exists()
+
+
+def test_dry_run_of_a_valid_config_lists_the_runs_and_writes_nothing(
+    env: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dlm_decode import cli
+
+    path = write_config(tmp_path / "c.yaml", make_config(env))
+    out = tmp_path / "o"
+    assert cli.main(["ablate", str(path), "--out", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all("run_id" in json.loads(ln) for ln in lines)
+    assert not out.exists()
+
+
+def test_unsafe_sweep_name_never_writes_into_the_current_directory(
+    env: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _no_model(monkeypatch)
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    path = write_config(tmp_path / "c.yaml", make_config(env, name=".."))
+    monkeypatch.chdir(work)
+    msg = _one_line_error(["ablate", str(path)], capsys)  # default --out runs/<name>
+    assert "name: '..' is not a safe sweep name" in msg
+    assert "letters, digits and . _ - only" in msg
+    assert sorted(p.name for p in work.rglob("*")) == ["runs"]
+
+
+def test_rows_without_run_id_are_skipped_with_one_warning(
+    env: dict[str, Any],
+    reference: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dlm_decode import cli
+    from dlm_decode.ablate.store import SkippedRowsWarning
+
+    out = tmp_path / "o"
+    out.mkdir()
+    good = (reference["out"] / "rows.jsonl").read_text().splitlines(keepends=True)
+    bad = [json.dumps({"sample_id": "fake-000", "correct": True}) + "\n", "[1, 2]\n"]
+    text = "".join([*good[:3], bad[0], *good[3:10], bad[0], bad[1], *good[10:]])
+    (out / "rows.jsonl").write_text(text)
+    with pytest.warns(SkippedRowsWarning) as record:
+        rows = read_rows(out / "rows.jsonl")
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert str(out / "rows.jsonl") in msg
+    assert "skipped 3 unusable lines" in msg
+    assert "2 without run_id/sample_id (lines 4, 12)" in msg
+    assert "1 not a JSON object (line 13)" in msg
+    assert rows_by_key(rows) == rows_by_key(read_rows(reference["out"] / "rows.jsonl"))
+    with pytest.warns(SkippedRowsWarning):
+        assert len(read_sweep_rows(out)) == 48
+    # The CLI resumes over it: nothing to decode, one warning line, the table is whole.
+    path = write_config(tmp_path / "c.yaml", make_config(env))
+    code = cli.main(["ablate", str(path), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warned = [ln for ln in err.splitlines() if "unusable line" in ln]
+    assert warned and all(ln.startswith("dlm-decode: warning: ") for ln in warned), err
+    assert "0 samples to decode" in err
+    assert len(read_table_csv(out / "summary.csv")) == 4
+
+
+class _Conn:
+    def __enter__(self) -> _Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_wandb_online_without_network_fails_at_once(
+    env: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    pytest.importorskip("wandb")
+    _no_model(monkeypatch)
+    calls: list[tuple[Any, ...]] = []
+
+    def unreachable(address: tuple[str, int], timeout: float | None = None, *a: Any) -> None:
+        calls.append((address, timeout))
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    path = write_config(
+        tmp_path / "c.yaml", make_config(env, wandb={"enabled": True, "project": "abl-test"})
+    )
+    out = tmp_path / "o"
+    for extra in ([], ["--dry-run"]):
+        t0 = time.monotonic()
+        msg = _one_line_error(["ablate", str(path), "--out", str(out), *extra], capsys)
+        assert time.monotonic() - t0 < 10
+        assert "W&B is set to log online but api.wandb.ai:443 cannot be reached" in msg, msg
+        assert "WANDB_MODE=offline" in msg and "--no-wandb" in msg
+        assert not out.exists()
+    assert calls[0] == (("api.wandb.ai", 443), 3.0)
+    # --no-wandb and offline mode never connect.
+    from dlm_decode.ablate.tracking import check_wandb
+
+    calls.clear()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_wandb(None)
+    check_wandb("disabled")
+    assert calls == []
+    # A self-hosted server from WANDB_BASE_URL, reachable: no error.
+    monkeypatch.setattr(
+        socket, "create_connection", lambda addr, timeout=None: calls.append(addr) or _Conn()
+    )
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.internal:8080/")
+    check_wandb("online")
+    assert calls == [("wandb.internal", 8080)]
+
+
+# --------------------------------------------------------------------------------------
+# Locks and the sharded completion protocol (in-process; the two-process runs are in
+# tests/test_sweep_concurrency.py)
+# --------------------------------------------------------------------------------------
+
+
+def test_sweep_lock_is_exclusive_per_folder_and_per_rank(tmp_path: Path) -> None:
+    import socket
+
+    from dlm_decode.ablate.locking import SweepLock, SweepLockedError
+
+    out = tmp_path / "o"
+    host = socket.gethostname()
+    with SweepLock(out, 0, 1):
+        for rank, world in ((0, 1), (0, 2), (1, 2)):
+            with pytest.raises(SweepLockedError) as info:
+                SweepLock(out, rank, world).acquire()
+            msg = str(info.value)
+            assert "\n" not in msg
+            assert f"is in use by pid {os.getpid()} on host {host} since " in msg, msg
+            assert "(single process)" in msg and "another --out" in msg
+    # Ranks of one sharded sweep share the folder; a second rank 0 does not.
+    with SweepLock(out, 0, 2), SweepLock(out, 1, 2):
+        with pytest.raises(SweepLockedError, match=r"\(rank 0 of WORLD_SIZE=2\)"):
+            SweepLock(out, 0, 2).acquire()
+        with pytest.raises(SweepLockedError) as info:
+            SweepLock(out, 0, 1).acquire()
+        assert "(rank 0 of WORLD_SIZE=2)" in str(info.value)
+        assert "(rank 1 of WORLD_SIZE=2)" in str(info.value)
+    with SweepLock(out, 0, 1):  # released
+        pass
+
+
+def test_lock_of_a_killed_sweep_does_not_block(env: dict[str, Any], tmp_path: Path) -> None:
+    from dlm_decode.ablate.locking import SweepLock, SweepLockedError
+
+    out = tmp_path / "o"
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from dlm_decode.ablate.locking import SweepLock\n"
+        f"SweepLock(Path({str(out)!r}), 0, 1).acquire()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=sub_env(env), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(SweepLockedError, match=f"pid {proc.pid} "):
+            SweepLock(out, 0, 1).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert (out / "sweep.lock").exists()  # the file stays; the kernel dropped the flock
+    with SweepLock(out, 0, 1):
+        pass
+
+
+def test_cli_refuses_a_locked_folder_without_touching_it(
+    env: dict[str, Any],
+    reference: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dlm_decode.ablate.locking import SweepLock
+
+    _no_model(monkeypatch)
+    out = tmp_path / "o"
+    out.mkdir()
+    shutil.copy(reference["out"] / "rows.jsonl", out / "rows.jsonl")
+    path = write_config(tmp_path / "c.yaml", make_config(env))
+    with SweepLock(out, 0, 2):  # a rank of a sharded sweep is running
+        before = _tree(out)
+        msg = _one_line_error(["ablate", str(path), "--out", str(out)], capsys)
+        assert _tree(out) == before
+    assert f"sweep folder {out} is in use by pid {os.getpid()}" in msg, msg
+    assert "(rank 0 of WORLD_SIZE=2)" in msg
+
+
+def test_env_sharded_rank_finishing_first_keeps_the_other_shard(
+    env: dict[str, Any],
+    reference: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for k in ("LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = load_config(make_config(env))
+    out = tmp_path / "o"
+    out.mkdir()
+    ref = read_rows(reference["out"] / "rows.jsonl")
+    # Rank 1 is "still appending": a shard with some of its rows and no done marker.
+    partial = [r for r in ref if r["sample_index"] % 2 == 1][:5]
+    (out / "rows.rank1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in partial))
+    shard1 = (out / "rows.rank1.jsonl").read_bytes()
+    said: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    res0 = run_sweep(cfg, out, use_wandb=False, plots=False, progress=False, log=said.append)
+    assert (res0.merged, res0.waiting_for, res0.decoded) == (False, [1], 24)
+    assert "rank(s) 1 still running" in said[-1]
+    assert (out / "rows.rank1.jsonl").read_bytes() == shard1  # never merged away
+    assert (out / "rows.rank0.done").exists() and not (out / "rows.rank1.done").exists()
+    assert not (out / "rows.jsonl").exists() and not (out / "summary.csv").exists()
+    # A rank outside the world is one line, and nothing is written.
+    before = _tree(out)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match=r"^RANK=2 is not a rank of WORLD_SIZE=2; give each"):
+        run_sweep(cfg, out, use_wandb=False, plots=False, progress=False)
+    assert _tree(out) == before
+    # Rank 1 resumes its shard, finishes last and merges every row exactly once.
+    monkeypatch.setenv("RANK", "1")
+    res1 = run_sweep(cfg, out, use_wandb=False, plots=False, progress=False, log=said.append)
+    assert res1.merged and res1.decoded == 24 - 5
+    rows = read_rows(out / "rows.jsonl")
+    assert rows_by_key(rows) == rows_by_key(ref)
+    assert len(rows) == 48
+    assert not list(out.glob("rows.rank*"))
+    assert len(read_table_csv(out / "summary.csv")) == 4

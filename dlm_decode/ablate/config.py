@@ -24,6 +24,7 @@ import importlib
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from pydantic import (
 )
 
 from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef
+from dlm_decode.evaluate import check_task_options
 from dlm_decode.registry import (
     UnknownPluginError,
     entry_point_plugins,
@@ -48,6 +50,7 @@ from dlm_decode.registry import (
     reset_registry,
 )
 from dlm_decode.settings import Resolved, param_problems, plugin_class, resolve
+from dlm_decode.tasks.base import check_limit
 
 __all__ = [
     "AblationConfig",
@@ -66,6 +69,8 @@ __all__ = [
     "WandbSpec",
     "baseline_matches",
     "cache_matches",
+    "check_batch_size",
+    "check_sweep_name",
     "expand_runs",
     "expand_settings",
     "load_config",
@@ -123,9 +128,17 @@ class TaskSpec(_Strict):
 
     name: str
     shots: int | None = Field(None, ge=0)
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = None
     data_path: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("limit")
+    @classmethod
+    def _positive_limit(cls, v: int | None) -> int | None:
+        try:
+            return check_limit(v, "limit")
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("limit ")) from None
 
     def task_kwargs(self) -> dict[str, Any]:
         """Constructor arguments for ``get_task``."""
@@ -384,7 +397,7 @@ class AblationConfig(_Strict):
         plots: plot options.
     """
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str
     description: str = ""
     plugins: list[str] = Field(default_factory=list)
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -396,15 +409,72 @@ class AblationConfig(_Strict):
         default_factory=lambda: [LengthSpec(gen_length=256, block_length=32)], min_length=1
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     early_stop: bool = False
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = 16
     baseline: BaselineSpec | None = None
     policies: list[PolicyGrid] = Field(min_length=1)
     counterfactual: CounterfactualSpec = Field(default_factory=CounterfactualSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     plots: PlotSpec = Field(default_factory=PlotSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_sweep_name(v)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v: int) -> int:
+        try:
+            return check_batch_size(v, "batch_size")
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("batch_size ")) from None
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_sweep_name(name: str) -> str:
+    """Refuse a sweep name that is not a safe folder name (it names ``runs/<name>``).
+
+    Args:
+        name: the ``name`` of the config (or the file's stem).
+
+    Returns:
+        ``name``.
+
+    Raises:
+        ValueError: empty, ``.`` or ``..``, or a character other than letters, digits
+            and ``._-`` (so no path separators).
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"{name!r} is not a safe sweep name (it names the folder runs/<name>): use "
+            f"letters, digits and . _ - only, not '.' or '..', e.g. 'my_sweep'"
+        )
+    return name
+
+
+def check_batch_size(value: object, what: str = "batch_size") -> int:
+    """Refuse a batch size that is not a positive integer (``0`` or ``-1`` decode nothing).
+
+    Args:
+        value: the batch size.
+        what: its name in the message (``batch_size``, ``--batch-size``).
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: not an integer ≥ 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{what} must be a positive integer (prompts decoded together), got {value!r}"
+        )
+    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -473,22 +543,37 @@ def load_config(
     except ValidationError as exc:
         raise AblationConfigError(_pydantic_problems(exc), where) from None
     if validate_plugins:
-        load_plugins(cfg.plugins)
+        load_plugins(cfg.plugins, where)
         problems = validate_config(cfg)
         if problems:
             raise AblationConfigError(problems, where)
     return cfg
 
 
-def load_plugins(modules: Sequence[str]) -> None:
+def load_plugins(modules: Sequence[str], source: str | None = None) -> None:
     """Register extra plugin modules (beside the installed entry points) in the registry.
 
     Args:
         modules: importable module names whose hook implementations to register.
+        source: the config file, for error messages.
+
+    Raises:
+        AblationConfigError: a module cannot be imported (``plugins[i]`` and the reason).
     """
     if not modules:
         return
-    extra = [(m, importlib.import_module(m)) for m in modules]
+    extra, problems = [], []
+    for i, m in enumerate(modules):
+        try:
+            extra.append((m, importlib.import_module(m)))
+        except Exception as exc:  # ImportError, or whatever the module raised on import
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            problems.append(
+                f"plugins[{i}]: cannot import plugin module {m!r} ({reason}); install the "
+                f"package that provides it, put it on PYTHONPATH, or remove it"
+            )
+    if problems:
+        raise AblationConfigError(problems, source)
     known = set(get_registry().sources.values())
     if all(m in known for m, _ in extra):
         return
@@ -814,7 +899,12 @@ def validate_config(cfg: AblationConfig) -> list[str]:
             return None
 
     for i, task in enumerate(cfg.tasks):
-        lookup("task", task.name, f"tasks[{i}].name")
+        tcls = lookup("task", task.name, f"tasks[{i}].name")
+        if tcls is not None:
+            try:
+                check_task_options(tcls, task.task_kwargs())
+            except ValueError as exc:
+                problems.append(f"tasks[{i}]: {exc}; remove it from the task's entry")
     for where, cache in [
         *((f"caches[{i}]", c) for i, c in enumerate(cfg.caches)),
         ("audit.cache", cfg.audit.cache),

@@ -42,7 +42,7 @@ __all__ = [
 
 @dataclass
 class SweepResult:
-    """What ``run_sweep`` returns (complete on rank 0; other ranks get ``rows=None``).
+    """What ``run_sweep`` returns (complete on the merging rank; others get ``rows=None``).
 
     Attributes:
         out_dir: the sweep folder.
@@ -51,6 +51,9 @@ class SweepResult:
         table: one summary dict per run.
         files: the files written (table, plots, reports).
         decoded: samples this invocation decoded (this rank).
+        merged: this process merged the rows and wrote the table (false on a rank that
+            finished before others, or that another rank merged for).
+        waiting_for: ranks still running when this rank finished (it then did not merge).
     """
 
     out_dir: Path
@@ -59,6 +62,8 @@ class SweepResult:
     table: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     decoded: int = 0
+    merged: bool = True
+    waiting_for: list[int] = field(default_factory=list)
 
 
 #: Columns of ``summary.csv`` (and the Markdown table, which shows a subset).

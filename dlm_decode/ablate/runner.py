@@ -2,7 +2,10 @@
 
 For each run of the grid (see [`expand_runs`][dlm_decode.ablate.config.expand_runs]) the
 runner decodes the samples not yet in the sweep folder, appends one JSONL row per sample
-as each batch finishes, and finally (rank 0) merges, tabulates, plots and logs.
+as each batch finishes, and finally (the last rank to finish, or rank 0 after a real
+``torch.distributed`` barrier) merges, tabulates, plots and logs. Every input is checked
+and the folder locked before anything is written (see
+``dlm_decode.ablate.locking``).
 
 Determinism: a run's samples are split into fixed batches (``batch_size`` consecutive
 samples of the rank's share); on resume only the missing samples of a batch are decoded.
@@ -30,22 +33,34 @@ import yaml
 from tqdm.auto import tqdm
 
 import dlm_decode
-from dlm_decode.ablate.config import AblationConfig, RunSpec, expand_runs
+from dlm_decode.ablate.config import AblationConfig, RunSpec, check_batch_size, expand_runs
+from dlm_decode.ablate.locking import (
+    SweepLock,
+    clear_done_marker,
+    done_marker,
+    done_ranks,
+    merge_lock,
+    write_done_marker,
+)
 from dlm_decode.ablate.report import SweepResult, finish_sweep
 from dlm_decode.ablate.store import (
+    MERGED,
     RowStore,
     atomic_write_text,
     merge_rank_files,
     rank_file,
     read_sweep_rows,
 )
+from dlm_decode.ablate.tracking import check_wandb
 from dlm_decode.decoder import Decoder
 from dlm_decode.evaluate import decode_and_score, get_task
 from dlm_decode.models.loading import load_model, resolve_device
+from dlm_decode.tasks.base import check_limit, load_samples
 
 __all__ = [
     "DistInfo",
     "SweepResult",
+    "check_sweep_inputs",
     "dist_info",
     "environment_info",
     "run_sweep",
@@ -55,13 +70,16 @@ __all__ = [
 
 @dataclass
 class DistInfo:
-    """Rank, world size and a barrier.
+    """Rank, world size and, when there is one, a real barrier.
 
     Attributes:
         rank: this process's rank.
         world: number of processes.
-        barrier: blocks until every rank calls it.
-        source: ``accelerate``, ``env`` or ``single``.
+        barrier: blocks until every rank calls it (``torch.distributed.barrier``); a no-op
+            unless ``source`` is ``torch``.
+        source: ``torch`` (an initialised ``torch.distributed`` process group, as under
+            ``accelerate launch`` or torchrun), ``env`` (``RANK``/``WORLD_SIZE`` only: the
+            ranks finish through done markers instead of a barrier) or ``single``.
     """
 
     rank: int = 0
@@ -69,19 +87,45 @@ class DistInfo:
     barrier: Callable[[], None] = field(default=lambda: None)
     source: str = "single"
 
+    @property
+    def has_barrier(self) -> bool:
+        """Whether ``barrier`` really waits for every rank."""
+        return self.source == "torch"
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "")
+    if not text.strip():
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer; set it to a whole number") from None
+
 
 def dist_info(cpu: bool) -> DistInfo:
-    """Rank and world size from ``accelerate.PartialState`` when launched by accelerate
-    (or torchrun), else from ``RANK``/``WORLD_SIZE``; a single process otherwise.
+    """Rank and world size of this process.
+
+    Under ``accelerate launch`` or torchrun (``LOCAL_RANK`` and ``MASTER_ADDR`` set) the
+    ``accelerate.PartialState`` process group is used, and its barrier only when
+    ``torch.distributed`` really is initialised with that many processes. Otherwise rank and
+    world come from ``RANK``/``WORLD_SIZE`` and the sweep has no barrier (its ranks finish
+    through done markers, see ``dlm_decode.ablate.locking``).
 
     Args:
         cpu: the sweep runs on CPU (accelerate then uses the gloo backend).
 
     Returns:
         The [`DistInfo`][dlm_decode.ablate.runner.DistInfo].
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` or ``RANK`` is not an integer, or ``RANK`` is not in
+            ``0 … WORLD_SIZE-1``.
     """
-    world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world_env <= 1:
+    world_env = _env_int("WORLD_SIZE", 1)
+    if world_env < 1:
+        raise ValueError(f"WORLD_SIZE={world_env} must be ≥ 1 (the number of processes)")
+    if world_env == 1:
         return DistInfo()
     try:
         from accelerate import PartialState
@@ -90,10 +134,22 @@ def dist_info(cpu: bool) -> DistInfo:
     if PartialState is not None and "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ:
         state = PartialState(cpu=cpu)
         if state.num_processes > 1:
-            return DistInfo(
-                state.process_index, state.num_processes, state.wait_for_everyone, "accelerate"
+            real = (
+                torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() == state.num_processes
             )
-    rank = int(os.environ.get("RANK", "0") or 0)
+            if real:
+                return DistInfo(
+                    state.process_index, state.num_processes, torch.distributed.barrier, "torch"
+                )
+            return DistInfo(state.process_index, state.num_processes, lambda: None, "env")
+    rank = _env_int("RANK", 0)
+    if not 0 <= rank < world_env:
+        raise ValueError(
+            f"RANK={rank} is not a rank of WORLD_SIZE={world_env}; give each process a "
+            f"different RANK in 0..{world_env - 1}"
+        )
     return DistInfo(rank, world_env, lambda: None, "env")
 
 
@@ -213,6 +269,54 @@ def decode_batch(
     return [r for r in rows if r is not None]
 
 
+def check_sweep_inputs(
+    cfg: AblationConfig,
+    *,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    use_wandb: bool = False,
+) -> tuple[str, list[RunSpec], list[Any], list[list[Any]]]:
+    """Everything a sweep checks before it writes or decodes anything.
+
+    The limit and batch size, the device, every task's options and samples (a positive
+    limit, unique ids, at least one sample) and, when W&B logs online, that its server is
+    reachable. ``--dry-run`` calls this too, so a dry run that passes does not fail on
+    any of these later.
+
+    Args:
+        cfg: a validated config.
+        limit: the sample cap (``--limit``).
+        batch_size: the batch size override (``--batch-size``).
+        device: the device override (``--device``).
+        use_wandb: W&B logging is on (``cfg.wandb.enabled`` is checked too).
+
+    Returns:
+        The device, the runs, the task objects and each task's samples.
+
+    Raises:
+        ValueError: one line naming the problem and the fix (W&B, task, device, limit or
+            batch size).
+    """
+    check_limit(limit, "--limit")
+    if batch_size is not None:
+        check_batch_size(batch_size, "--batch-size")
+    dev = resolve_device(device or cfg.model.device)
+    runs = expand_runs(cfg)
+    tasks, samples = [], []
+    for i, t in enumerate(cfg.tasks):
+        task = get_task(t.name, **t.task_kwargs())
+        n = t.limit
+        if limit is not None:
+            n = limit if n is None else min(n, limit)
+        what = "--limit" if limit is not None and n == limit else f"tasks[{i}].limit"
+        tasks.append(task)
+        samples.append(load_samples(task, n, what=what))
+    if use_wandb and cfg.wandb.enabled:
+        check_wandb(cfg.wandb.mode)
+    return dev, runs, tasks, samples
+
+
 def run_sweep(
     cfg: AblationConfig,
     out_dir: str | Path,
@@ -227,6 +331,13 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) a sweep into ``out_dir``.
 
+    Nothing is written before [`check_sweep_inputs`][dlm_decode.ablate.runner.check_sweep_inputs]
+    passes and this process holds its lock of the folder
+    (``dlm_decode.ablate.locking.SweepLock``); a second sweep on the same folder
+    fails at once with a ``SweepLockedError`` naming the first. In a sharded sweep the last
+    rank to finish merges the rank files and writes the table; the others return with
+    ``result.merged`` false and ``result.waiting_for`` listing the ranks still running.
+
     Args:
         cfg: a validated config.
         out_dir: the sweep folder (created; existing rows are reused).
@@ -240,16 +351,41 @@ def run_sweep(
 
     Returns:
         A [`SweepResult`][dlm_decode.ablate.report.SweepResult].
+
+    Raises:
+        ValueError: a bad input (see ``check_sweep_inputs``), a bad ``RANK``/``WORLD_SIZE``,
+            or ``SweepLockedError``.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device or cfg.model.device)
+    dev, runs, tasks, samples = check_sweep_inputs(
+        cfg, limit=limit, batch_size=batch_size, device=device, use_wandb=use_wandb
+    )
+    dist = dist_info(cpu=dev == "cpu")
+    with SweepLock(out, dist.rank, dist.world):
+        return _run_locked(
+            cfg, out, dist, runs, tasks, samples, dev, batch_size, use_wandb, plots, progress, say
+        )
+
+
+def _run_locked(
+    cfg: AblationConfig,
+    out: Path,
+    dist: DistInfo,
+    runs: list[RunSpec],
+    tasks: list[Any],
+    samples: list[list[Any]],
+    dev: str,
+    batch_size: int | None,
+    use_wandb: bool,
+    plots: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> SweepResult:
+    """The body of [`run_sweep`][dlm_decode.ablate.runner.run_sweep], under its lock."""
+    rank, world = dist.rank, dist.world
     if cfg.model.threads is not None:
         torch.set_num_threads(cfg.model.threads)
-    dist = dist_info(cpu=dev == "cpu")
-    rank, world = dist.rank, dist.world
-    runs = expand_runs(cfg)
     bs = batch_size or cfg.batch_size
     if rank == 0:
         resolved = cfg.model_dump(mode="json")
@@ -258,30 +394,30 @@ def run_sweep(
             out / "environment.json",
             json.dumps(environment_info(cfg, dev, world), indent=2) + "\n",
         )
-        if world == 1:
-            merge_rank_files(out)  # rank files left by an interrupted multi-process run
-    # Tasks and samples first (cheap, and fails before the model loads).
-    tasks, samples = [], []
-    for t in cfg.tasks:
-        task = get_task(t.name, **t.task_kwargs())
-        n = t.limit
-        if limit is not None:
-            n = limit if n is None else min(n, limit)
-        tasks.append(task)
-        samples.append(task.samples(n))
-    done = {(str(r["run_id"]), str(r["sample_id"])) for r in read_sweep_rows(out)}
-    todo: list[tuple[RunSpec, list[list[tuple[int, Any]]]]] = []
-    total = 0
-    for run in runs:
-        mine = [(i, s) for i, s in enumerate(samples[run.task_index]) if i % world == rank]
-        chunks = []
-        for k in range(0, len(mine), bs):
-            chunk = [(i, s) for i, s in mine[k : k + bs] if (run.run_id, s.id) not in done]
-            if chunk:
-                chunks.append(chunk)
-                total += len(chunk)
-        if chunks:
-            todo.append((run, chunks))
+    if world == 1:
+        # Rank files left by an interrupted multi-process run: the exclusive folder lock
+        # means no rank is running, so every one of them is closed.
+        merge_rank_files(out)
+    store = None
+    with merge_lock(out):
+        # Under the merge lock, so that no merge deletes the shard this rank reopens.
+        if world > 1:
+            clear_done_marker(out, rank)
+        done = {(str(r["run_id"]), str(r["sample_id"])) for r in read_sweep_rows(out)}
+        todo: list[tuple[RunSpec, list[list[tuple[int, Any]]]]] = []
+        total = 0
+        for run in runs:
+            mine = [(i, s) for i, s in enumerate(samples[run.task_index]) if i % world == rank]
+            chunks = []
+            for k in range(0, len(mine), bs):
+                chunk = [(i, s) for i, s in mine[k : k + bs] if (run.run_id, s.id) not in done]
+                if chunk:
+                    chunks.append(chunk)
+                    total += len(chunk)
+            if chunks:
+                todo.append((run, chunks))
+        if todo:
+            store = RowStore(rank_file(out, rank, world))
     already = sum(len(samples[r.task_index]) for r in runs) - total * world
     say(
         f"ablate {cfg.name}: {len(runs)} runs, {sum(len(s) for s in samples)} samples/run-set, "
@@ -289,28 +425,47 @@ def run_sweep(
         + (f" (resuming; ~{max(already, 0)} rows already done)" if done else "")
     )
     decoded = 0
-    if todo:
-        model = load_model(cfg.model.name, device=dev, dtype=cfg.model.dtype)
-        store = RowStore(rank_file(out, rank, world))
+    if store is not None:
         if store.dropped_bytes:
             say(f"dropped a torn final line ({store.dropped_bytes} bytes) from {store.path}")
-        bar = tqdm(total=total, disable=not progress, desc=f"rank {rank}", file=sys.stderr)
         try:
-            for run, chunks in todo:
-                bar.set_description(run.label)
-                for chunk in chunks:
-                    rows = decode_batch(model, tasks[run.task_index], run, chunk, rank)
-                    store.append(rows)
-                    decoded += len(rows)
-                    bar.update(len(rows))
+            model = load_model(cfg.model.name, device=dev, dtype=cfg.model.dtype)
+            bar = tqdm(total=total, disable=not progress, desc=f"rank {rank}", file=sys.stderr)
+            try:
+                for run, chunks in todo:
+                    bar.set_description(run.label)
+                    for chunk in chunks:
+                        rows = decode_batch(model, tasks[run.task_index], run, chunk, rank)
+                        store.append(rows)
+                        decoded += len(rows)
+                        bar.update(len(rows))
+            finally:
+                bar.close()
         finally:
-            bar.close()
             store.close()
     result = SweepResult(out_dir=out, runs=runs, decoded=decoded)
-    dist.barrier()
-    if rank != 0:
-        return result
-    merge_rank_files(out)
+    if world > 1:
+        write_done_marker(out, rank, world, decoded)
+        dist.barrier()  # a real one under torch.distributed; then rank 0 merges
+        if dist.has_barrier and rank != 0:
+            result.merged = False
+            return result
+        with merge_lock(out):
+            if not done_marker(out, rank).exists():
+                result.merged = False
+                say(f"rank {rank}/{world}: done; another rank already merged every shard")
+                return result
+            running = sorted(set(range(world)) - done_ranks(out, world))
+            if running:
+                result.merged, result.waiting_for = False, running
+                say(
+                    f"rank {rank}/{world}: done ({decoded} rows decoded); rank(s) "
+                    f"{', '.join(map(str, running))} still running: the last rank to finish "
+                    f"merges the rows and writes the table"
+                )
+                return result
+            n = merge_rank_files(out, ranks=range(world))
+            say(f"rank {rank}/{world}: every rank is done; merged {n} rows into {out / MERGED}")
     return finish_sweep(
         cfg,
         out,

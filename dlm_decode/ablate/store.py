@@ -10,7 +10,9 @@ Files in a sweep folder:
 
 * ``rows.jsonl`` — the merged rows (single process, or after a merge);
 * ``rows.rank{r}.jsonl`` — rank ``r``'s rows while a multi-process sweep runs; merged into
-  ``rows.jsonl`` by rank 0 after the barrier, or by the next invocation.
+  ``rows.jsonl`` by the last rank to finish (see
+  ``dlm_decode.ablate.locking``), or by the next invocation;
+* ``rows.rank{r}.done`` — written by rank ``r`` once its shard is closed and complete.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "KEY_FIELDS",
     "MERGED",
     "RowStore",
+    "SkippedRowsWarning",
     "atomic_write_text",
     "merge_rank_files",
     "rank_file",
@@ -100,9 +104,21 @@ def repair_tail(path: Path) -> int:
         return size - keep
 
 
+class SkippedRowsWarning(UserWarning):
+    """Lines of a rows file that were skipped (not JSON, or without ``run_id``/``sample_id``)."""
+
+
+#: The fields that key a row; a line without them cannot be resumed, merged or tabulated.
+KEY_FIELDS = ("run_id", "sample_id")
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read complete rows of a JSONL file; a torn final line is dropped, a corrupt middle
-    line is skipped with a warning.
+    """Read complete rows of a JSONL file.
+
+    A torn final line is dropped silently (a crash mid-write leaves one). Lines in the
+    middle that are not JSON objects, or lack ``run_id`` or ``sample_id``, are skipped with
+    one [`SkippedRowsWarning`][dlm_decode.ablate.store.SkippedRowsWarning] per file naming
+    the file, the count and the line numbers; every other row is kept.
 
     Args:
         path: the file (missing → no rows).
@@ -114,22 +130,44 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return []
     data = path.read_bytes()
     lines = data.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline
+    complete = lines[:-1]  # the bytes after the last newline were cut by a crash: dropped
     rows: list[dict[str, Any]] = []
+    corrupt: list[int] = []
+    keyless: list[int] = []
     for i, line in enumerate(complete):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}: skipping corrupt line {i + 1}", stacklevel=2)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            corrupt.append(i + 1)
             continue
-        if isinstance(row, dict):
+        if not isinstance(row, dict):
+            corrupt.append(i + 1)
+        elif any(k not in row for k in KEY_FIELDS):
+            keyless.append(i + 1)
+        else:
             rows.append(row)
-    if tail.strip():
-        # A line without its newline was cut by a crash mid-write: never trust it.
-        pass
+    if corrupt or keyless:
+        warnings.warn(_skipped_message(path, corrupt, keyless), SkippedRowsWarning, stacklevel=2)
     return rows
+
+
+def _skipped_message(path: Path, corrupt: list[int], keyless: list[int]) -> str:
+    def lines(nums: list[int]) -> str:
+        shown = ", ".join(map(str, nums[:10])) + (", …" if len(nums) > 10 else "")
+        return f"line{'s' if len(nums) > 1 else ''} {shown}"
+
+    parts = []
+    if keyless:
+        parts.append(f"{len(keyless)} without run_id/sample_id ({lines(keyless)})")
+    if corrupt:
+        parts.append(f"{len(corrupt)} not a JSON object ({lines(corrupt)})")
+    n = len(corrupt) + len(keyless)
+    return (
+        f"{path}: skipped {n} unusable line{'s' if n > 1 else ''}: {'; '.join(parts)}; "
+        f"the other rows are kept"
+    )
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str]:
@@ -154,25 +192,38 @@ def read_sweep_rows(folder: Path) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def merge_rank_files(folder: Path) -> int:
-    """Merge ``rows.rank*.jsonl`` into ``rows.jsonl`` (atomically) and delete them.
+def merge_rank_files(folder: Path, ranks: Sequence[int] | None = None) -> int:
+    """Merge rank files into ``rows.jsonl`` (atomically) and delete the merged ones.
 
     Safe to call after a crash at any point: the merged file is replaced atomically before
-    the rank files are removed, and rows are deduplicated.
+    the rank files are removed, and rows are deduplicated. The caller must make sure no
+    process still appends to a file it deletes: a sharded sweep passes the ranks whose done
+    marker it saw (under the merge lock); a single-process sweep holds the folder lock
+    exclusively, so every rank file is closed.
 
     Args:
         folder: the sweep folder.
+        ranks: delete only these ranks' files (and their done markers); ``None`` → every
+            ``rows.rank*.jsonl`` and ``rows.rank*.done``. Every rank file is read either
+            way.
 
     Returns:
         Number of rows in the merged file.
     """
-    ranks = sorted(folder.glob("rows.rank*.jsonl"))
-    if not ranks:
+    present = sorted(folder.glob("rows.rank*.jsonl"))
+    if ranks is None:
+        delete = present
+        markers = sorted(folder.glob("rows.rank*.done"))
+    else:
+        delete = [folder / f"rows.rank{r}.jsonl" for r in ranks]
+        markers = [folder / f"rows.rank{r}.done" for r in ranks]
+    if not present and not markers:
         return len(read_rows(folder / MERGED))
     rows = read_sweep_rows(folder)
     rows.sort(key=lambda r: (str(r["run_id"]), int(r.get("sample_index", 0))))
-    atomic_write_text(folder / MERGED, "".join(json.dumps(r) + "\n" for r in rows))
-    for f in ranks:
+    if present:
+        atomic_write_text(folder / MERGED, "".join(json.dumps(r) + "\n" for r in rows))
+    for f in [*delete, *markers]:
         f.unlink(missing_ok=True)
     _fsync_dir(folder)
     return len(rows)

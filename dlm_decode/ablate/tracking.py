@@ -15,13 +15,16 @@ API key is configured (``WANDB_API_KEY`` or a ``wandb login``), otherwise offlin
 
 from __future__ import annotations
 
+import configparser
 import json
 import math
 import netrc
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dlm_decode.ablate.config import AblationConfig, RunSpec
 from dlm_decode.ablate.store import atomic_write_text
@@ -29,6 +32,10 @@ from dlm_decode.ablate.store import atomic_write_text
 __all__ = [
     "SUMMARY_KEYS",
     "WandbMissingError",
+    "WandbUnreachableError",
+    "check_wandb",
+    "check_wandb_reachable",
+    "effective_mode",
     "import_wandb",
     "log_sweep",
     "resolve_mode",
@@ -49,8 +56,12 @@ SUMMARY_KEYS = (
 )
 
 
-class WandbMissingError(ImportError):
-    """wandb is not installed."""
+class WandbMissingError(ImportError, ValueError):
+    """wandb is not installed (a ``ValueError`` too: the CLI reports it as one line)."""
+
+
+class WandbUnreachableError(ValueError):
+    """W&B would log online but its server cannot be reached."""
 
 
 def _has_api_key() -> bool:
@@ -78,6 +89,85 @@ def resolve_mode(configured: str | None) -> str | None:
     if os.environ.get("WANDB_MODE"):
         return None
     return None if _has_api_key() else "offline"
+
+
+def effective_mode(configured: str | None) -> str:
+    """The mode W&B will actually run in: ``online``, ``offline`` or ``disabled``.
+
+    Args:
+        configured: ``wandb.mode`` of the config.
+
+    Returns:
+        The mode [`resolve_mode`][dlm_decode.ablate.tracking.resolve_mode] passes, or the
+        one wandb reads from ``WANDB_MODE`` (``run`` → online, ``dryrun`` → offline).
+    """
+    mode = resolve_mode(configured) or os.environ.get("WANDB_MODE") or "online"
+    mode = mode.strip().lower()
+    return {"run": "online", "dryrun": "offline"}.get(mode, mode)
+
+
+def _base_url() -> str:
+    """The W&B server: ``WANDB_BASE_URL``, else the ``base_url`` of wandb's settings files,
+    else ``https://api.wandb.ai``."""
+    url = os.environ.get("WANDB_BASE_URL")
+    if url:
+        return url
+    cfg_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join(
+        os.path.expanduser("~"), ".config", "wandb"
+    )
+    for path in (os.path.join("wandb", "settings"), os.path.join(cfg_dir, "settings")):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+            url = parser.get("default", "base_url", fallback="")
+        except (configparser.Error, OSError):
+            url = ""
+        if url:
+            return url
+    return "https://api.wandb.ai"
+
+
+def check_wandb_reachable(timeout: float = 3.0) -> None:
+    """Resolve and connect to the W&B server within ``timeout`` seconds.
+
+    Args:
+        timeout: seconds for the DNS lookup and TCP connect together (roughly).
+
+    Raises:
+        WandbUnreachableError: one line naming the server and the fix.
+    """
+    url = _base_url()
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    host = parts.hostname or "api.wandb.ai"
+    try:
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+    except ValueError:
+        port = 443
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = str(exc).strip() or type(exc).__name__
+        raise WandbUnreachableError(
+            f"W&B is set to log online but {host}:{port} cannot be reached ({reason}); "
+            f"run with WANDB_MODE=offline (sync later with `wandb sync`) or --no-wandb"
+        ) from None
+
+
+def check_wandb(configured: str | None, timeout: float = 3.0) -> None:
+    """Before decoding: wandb is importable and, when it would log online, reachable.
+
+    Args:
+        configured: ``wandb.mode`` of the config.
+        timeout: seconds for the reachability check.
+
+    Raises:
+        WandbMissingError: wandb is not installed.
+        WandbUnreachableError: online, and the server cannot be reached.
+    """
+    import_wandb()
+    if effective_mode(configured) == "online":
+        check_wandb_reachable(timeout)
 
 
 def import_wandb() -> Any:
