@@ -8,6 +8,11 @@
 * [`load_model`][dlm_decode.models.loading.load_model]: ``"tiny"``, a local folder or a hub
   id, architecture detected through the plugin registry;
 * [`build_model`][dlm_decode.models.loading.build_model]: random weights built on a device;
+* [`check_memory`][dlm_decode.models.memory.check_memory] /
+  [`decode_memory_bytes`][dlm_decode.models.memory.decode_memory_bytes]: whether a decode fits
+  in the device's memory, checked before anything is allocated;
+* [`CheckpointError`][dlm_decode.models.checkpoint.CheckpointError] /
+  [`ConfigError`][dlm_decode.models.checkpoint.ConfigError]: a broken checkpoint or config;
 * [`dlm_decode.models.testing`][dlm_decode.models.testing]: tiny random checkpoints for tests.
 """
 
@@ -16,16 +21,29 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dlm_decode.hookspecs import hookimpl
+from dlm_decode.models.checkpoint import CheckpointError, ConfigError
 from dlm_decode.models.dream import DreamModel
 from dlm_decode.models.llada import LLaDAModel
 from dlm_decode.models.loading import build_model, load_model, presets
+from dlm_decode.models.memory import (
+    DecodeMemoryError,
+    available_memory_bytes,
+    check_memory,
+    decode_memory_bytes,
+)
 from dlm_decode.models.native import NativeModel
 
 __all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DecodeMemoryError",
     "DreamModel",
     "LLaDAModel",
     "NativeModel",
+    "available_memory_bytes",
     "build_model",
+    "check_memory",
+    "decode_memory_bytes",
     "load_model",
     "presets",
     "register_models",

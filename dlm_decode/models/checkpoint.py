@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "check_finite",
     "load_tokenizer",
     "read_config",
@@ -50,6 +51,15 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded as it is: an invalid ``config.json``, a
     truncated or corrupt weight file, weights that do not match the config, or non-finite
     weight values. The message is one line naming the file, field or tensor and the fix."""
+
+
+class ConfigError(CheckpointError):
+    """A ``config.json`` value that cannot describe a model: a missing required key, a value
+    of the wrong type (a string or a boolean where an integer belongs), a size that is not
+    positive, sizes that do not divide (hidden size by heads, heads by key/value heads), or
+    a special token id outside the vocabulary. Raised when a model is built or loaded,
+    before anything is allocated; the message is one line naming ``config.json``, the key,
+    the value and the fix."""
 
 
 def _one_line(text: object) -> str:
@@ -254,7 +264,16 @@ def read_weights(
     for path, names in by_file.items():
         with _open(path, dev) as f:
             for name in names:
-                out[name] = f.get_tensor(name).to(dtype)
+                try:
+                    tensor = f.get_tensor(name)
+                except (MemoryError, torch.cuda.OutOfMemoryError):
+                    raise
+                except Exception as exc:  # I/O or decoding error past a valid header
+                    raise CheckpointError(
+                        f"cannot read tensor {name} from {path}: {_one_line(exc)}; "
+                        f"re-download or re-save it"
+                    ) from exc
+                out[name] = tensor.to(dtype)
     if check_weights:
         check_finite(out, where=f"checkpoint {folder}")
     return out
@@ -305,7 +324,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], *, where: str = "the check
         cause += " or overflows float16 (load it with dtype='bfloat16' or 'float32')"
     raise CheckpointError(
         f"{bad[0]} has {count} NaN/inf values of {first.numel()}{others}; {where} {cause}: "
-        f"re-download or re-save it (check_weights=False skips this check)"
+        f"re-download or re-save it (load_model(..., check_weights=False) skips this check)"
     )
 
 

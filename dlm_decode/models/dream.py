@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from dlm_decode.models.native import NativeModel, require_key
+from dlm_decode.models.native import (
+    NativeModel,
+    check_head_layout,
+    check_token_ids,
+    config_int,
+    config_number,
+)
 from dlm_decode.models.transformer import ArchSpec
 
 __all__ = ["DREAM_BLOCK_CONFIG", "DreamModel"]
@@ -102,9 +108,19 @@ class DreamModel(NativeModel):
     def spec_from_config(cls, config: Mapping[str, Any]) -> ArchSpec:
         """Read Dream's Qwen2-style ``config.json``.
 
+        Every size is checked to be a positive integer (``hidden_size``,
+        ``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``,
+        ``intermediate_size``, ``vocab_size``, ``max_position_embeddings``),
+        ``hidden_size`` to divide by ``num_attention_heads`` into an even head dim and the
+        heads by ``num_key_value_heads``, and the special token ids to lie in
+        ``[0, vocab_size)``.
+
         Raises:
-            ValueError: a required key is missing, or RoPE scaling / sliding-window
-                attention is requested (not implemented).
+            ConfigError: a required key is missing, a value has the wrong type or is out
+                of range, or sizes do not fit together (one line naming the key, the value
+                and the fix).
+            ValueError: RoPE scaling / sliding-window attention is requested (not
+                implemented).
         """
         arch = "Dream"
         if config.get("rope_scaling"):
@@ -113,18 +129,27 @@ class DreamModel(NativeModel):
             raise ValueError(f"{arch}: use_sliding_window=true is unsupported")
         if config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{arch}: hidden_act={config['hidden_act']!r} is unsupported")
-        n_heads = int(require_key(config, "num_attention_heads", arch))
-        n_kv = config.get("num_key_value_heads")
+        hidden = config_int(config, "hidden_size", arch)
+        n_heads = config_int(config, "num_attention_heads", arch)
+        n_kv = config_int(config, "num_key_value_heads", arch, default=n_heads)
+        check_head_layout(
+            arch,
+            ("hidden_size", hidden),
+            ("num_attention_heads", n_heads),
+            ("num_key_value_heads", n_kv),
+        )
+        vocab = config_int(config, "vocab_size", arch)
+        check_token_ids(config, arch, vocab, "vocab_size")
         return ArchSpec(
-            d_model=int(require_key(config, "hidden_size", arch)),
+            d_model=hidden,
             n_heads=n_heads,
-            n_kv_heads=int(n_kv) if n_kv is not None else n_heads,
-            n_layers=int(require_key(config, "num_hidden_layers", arch)),
-            d_ff=int(require_key(config, "intermediate_size", arch)),
-            vocab_size=int(require_key(config, "vocab_size", arch)),
-            max_length=int(config.get("max_position_embeddings", 131072)),
-            rope_theta=float(config.get("rope_theta", 1e6)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            n_kv_heads=n_kv,
+            n_layers=config_int(config, "num_hidden_layers", arch),
+            d_ff=config_int(config, "intermediate_size", arch),
+            vocab_size=vocab,
+            max_length=config_int(config, "max_position_embeddings", arch, default=131072),
+            rope_theta=config_number(config, "rope_theta", arch, 1e6),
+            rms_norm_eps=config_number(config, "rms_norm_eps", arch, 1e-6),
             qkv_bias=True,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             rope_full_precision=False,

@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from dlm_decode.models.native import NativeModel, require_key
+from dlm_decode.models.native import (
+    NativeModel,
+    check_head_layout,
+    check_token_ids,
+    config_int,
+    config_number,
+)
 from dlm_decode.models.transformer import ArchSpec
 
 __all__ = ["LLADA_BLOCK_CONFIG", "LLaDAModel"]
@@ -110,10 +116,19 @@ class LLaDAModel(NativeModel):
     def spec_from_config(cls, config: Mapping[str, Any]) -> ArchSpec:
         """Read LLaDA's OLMo-style ``config.json``.
 
+        Every size is checked to be a positive integer (``d_model``, ``n_heads``,
+        ``n_kv_heads``, ``n_layers``, ``mlp_hidden_size``, ``vocab_size`` /
+        ``embedding_size``, ``max_sequence_length``), ``d_model`` to divide by ``n_heads``
+        into an even head dim and ``n_heads`` by ``n_kv_heads``, and the special token ids
+        to lie in ``[0, embedding_size)``.
+
         Raises:
-            ValueError: a required key is missing, or the config asks for a feature this
-                implementation does not have (ALiBi, no RoPE, non-Llama blocks, LayerNorm,
-                QK norm, biases outside q/k/v, logit scaling).
+            ConfigError: a required key is missing, a value has the wrong type or is out
+                of range, or sizes do not fit together (one line naming the key, the value
+                and the fix).
+            ValueError: the config asks for a feature this implementation does not have
+                (ALiBi, no RoPE, non-Llama blocks, LayerNorm, QK norm, biases outside
+                q/k/v, logit scaling).
         """
         arch = "LLaDA"
         unsupported = {
@@ -133,25 +148,31 @@ class LLaDAModel(NativeModel):
                 f"{arch} config.json sets unsupported options: "
                 + ", ".join(f"{k}={config.get(k)!r}" for k in bad)
             )
-        d_model = int(require_key(config, "d_model", arch))
-        n_heads = int(require_key(config, "n_heads", arch))
-        n_kv = config.get("n_kv_heads")
+        d_model = config_int(config, "d_model", arch)
+        n_heads = config_int(config, "n_heads", arch)
+        kv_key = "n_kv_heads"
+        n_kv = config_int(config, kv_key, arch, default=n_heads)
         if config.get("multi_query_attention"):
-            n_kv = 1
-        d_ff = config.get("mlp_hidden_size")
+            kv_key, n_kv = "multi_query_attention", 1
+        check_head_layout(arch, ("d_model", d_model), ("n_heads", n_heads), (kv_key, n_kv))
+        d_ff = config_int(config, "mlp_hidden_size", arch, default=None)
         if d_ff is None:
-            d_ff = int(config.get("mlp_ratio", 4)) * d_model
-        vocab = config.get("embedding_size") or require_key(config, "vocab_size", arch)
+            d_ff = config_int(config, "mlp_ratio", arch, default=4) * d_model
+        # the logits width is the embedding rows (may exceed vocab_size); either key will do
+        config_int(config, "vocab_size", arch, default=None)
+        vocab_key = "embedding_size" if config.get("embedding_size") is not None else "vocab_size"
+        vocab = config_int(config, vocab_key, arch)
+        check_token_ids(config, arch, vocab, vocab_key)
         return ArchSpec(
             d_model=d_model,
             n_heads=n_heads,
-            n_kv_heads=int(n_kv) if n_kv is not None else n_heads,
-            n_layers=int(require_key(config, "n_layers", arch)),
-            d_ff=int(d_ff),
-            vocab_size=int(vocab),
-            max_length=int(config.get("max_sequence_length", 4096)),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            n_kv_heads=n_kv,
+            n_layers=config_int(config, "n_layers", arch),
+            d_ff=d_ff,
+            vocab_size=vocab,
+            max_length=config_int(config, "max_sequence_length", arch, default=4096),
+            rope_theta=config_number(config, "rope_theta", arch, 10000.0),
+            rms_norm_eps=config_number(config, "rms_norm_eps", arch, 1e-5),
             qkv_bias=bool(config.get("include_qkv_bias", False)),
             tie_embeddings=bool(config.get("weight_tying", False)),
             rope_full_precision=bool(config.get("rope_full_precision", True)),

@@ -10,6 +10,7 @@ Nothing here is specific to one architecture.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from dlm_decode.interfaces import Model
-from dlm_decode.models.checkpoint import load_tokenizer, read_config
+from dlm_decode.models.checkpoint import check_finite, load_tokenizer, read_config
 from dlm_decode.registry import get_registry
 
 __all__ = [
@@ -190,8 +191,15 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    check_weights: bool = True,
 ) -> Model:
     """Load a model: ``"tiny"``, a local checkpoint folder, or a Hugging Face hub id.
+
+    Every check that can fail runs before the weights are allocated where the problem is
+    visible without them: ``config.json`` (valid JSON, an object, sizes and token ids that
+    fit together) and the safetensors headers (complete, names and shapes as the config
+    says). The weights are then checked to be finite (one reduction per tensor) unless
+    ``check_weights=False``.
 
     Args:
         name_or_path: ``"tiny"`` (the packaged model), a folder in the Hugging Face layout
@@ -200,6 +208,10 @@ def load_model(
         device: where to put the weights.
         dtype: weight dtype or its name; default the config's ``torch_dtype``, else float32
             on CPU and bfloat16 elsewhere.
+        check_weights: check that no weight holds NaN or inf (see
+            [`check_finite`][dlm_decode.models.checkpoint.check_finite]); ``False`` skips
+            the check to load faster. A model class whose ``from_pretrained`` takes no
+            ``check_weights`` has its parameters checked here after loading.
 
     Returns:
         The model, with ``model.tokenizer`` set when the folder has a tokenizer.
@@ -207,7 +219,11 @@ def load_model(
     Raises:
         FileNotFoundError: missing folder, config or weights (or the tiny model not built).
         OSError: a hub download failed.
-        ValueError: unknown ``model_type``, or weights that do not match the architecture.
+        CheckpointError: ``config.json`` is not a JSON object, or holds invalid values (a
+            [`ConfigError`][dlm_decode.models.checkpoint.ConfigError]); a weight file is
+            empty, truncated or corrupt; weights do not match the architecture; a weight
+            holds NaN/inf. A ``ValueError`` subclass; the message is one line.
+        ValueError: unknown ``model_type``.
 
     Examples:
         >>> from dlm_decode.models import load_model
@@ -220,10 +236,23 @@ def load_model(
     folder = resolve_model_folder(name_or_path)
     config = read_config(folder)
     cls = find_model_class(_model_type(config, str(folder / "config.json")))
-    model = cls.from_pretrained(str(folder), device=device, dtype=dtype, config=config)
+    takes_check = _accepts(cls.from_pretrained, "check_weights")
+    extra = {"check_weights": check_weights} if takes_check else {}
+    model = cls.from_pretrained(str(folder), device=device, dtype=dtype, config=config, **extra)
+    if check_weights and not takes_check and callable(getattr(model, "named_parameters", None)):
+        check_finite(dict(model.named_parameters()), where=f"checkpoint {folder}")
     if model.tokenizer is None:
         model.tokenizer = load_tokenizer(folder, getattr(cls, "tokenizer_fallbacks", ()))
     return model
+
+
+def _accepts(func: Any, name: str) -> bool:
+    """Whether ``func`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def build_model(
@@ -252,6 +281,9 @@ def build_model(
         The model (no tokenizer).
 
     Raises:
+        ConfigError: invalid config values (see
+            [`NativeModel.spec_from_config`][dlm_decode.models.native.NativeModel.spec_from_config]),
+            raised before anything is allocated.
         ValueError: unknown preset or model_type.
         TypeError: the registered class cannot build random weights (no ``from_config``).
     """

@@ -10,6 +10,7 @@ reader and presets.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,17 +20,195 @@ import torch
 from torch import nn
 
 from dlm_decode.interfaces import KVBuffer, Model
-from dlm_decode.models.checkpoint import load_tokenizer, read_config, read_weights, resolve_dtype
+from dlm_decode.models.checkpoint import (
+    ConfigError,
+    load_tokenizer,
+    read_config,
+    read_weights,
+    resolve_dtype,
+)
 from dlm_decode.models.transformer import ArchSpec, Transformer
 
-__all__ = ["NativeModel", "require_key"]
+__all__ = [
+    "NativeModel",
+    "check_head_layout",
+    "check_token_ids",
+    "config_int",
+    "config_number",
+    "require_key",
+]
+
+_REQUIRED: Any = object()
+#: The ``config.json`` keys of special token ids (each optional, ``eos_token_id`` may be a
+#: list).
+TOKEN_ID_KEYS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value reads in an error: ``a string``, ``a boolean``, ``a list``, …"""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, float):
+        return "a fraction" if math.isfinite(value) else "not a finite number"
+    return type(value).__name__
 
 
 def require_key(config: Mapping[str, Any], key: str, arch: str) -> Any:
-    """``config[key]``, or a ``ValueError`` naming the architecture and the missing key."""
+    """``config[key]``, or a [`ConfigError`][dlm_decode.models.checkpoint.ConfigError]
+    naming the architecture and the missing key."""
     if config.get(key) is None:
-        raise ValueError(f"{arch} config.json is missing the required key {key!r}")
+        raise ConfigError(
+            f"{arch} config.json is missing the required key {key!r}; add it to config.json"
+        )
     return config[key]
+
+
+def config_int(
+    config: Mapping[str, Any],
+    key: str,
+    arch: str,
+    *,
+    default: int | None = _REQUIRED,
+    minimum: int = 1,
+) -> int:
+    """``config[key]`` as an integer of at least ``minimum``.
+
+    A JSON number with no fractional part (``4096`` or ``4096.0``) is accepted; a string
+    (``"4096"``), a boolean, a fraction, a list or an object is not.
+
+    Args:
+        config: the ``config.json`` dict.
+        key: the key to read.
+        arch: the architecture, for the message (``LLaDA``, ``Dream``).
+        default: returned when the key is absent or ``null``; without one the key is
+            required.
+        minimum: the smallest value accepted (``1`` for sizes).
+
+    Raises:
+        ConfigError: the key is missing (and required), not an integer, or too small; one
+            line naming ``config.json``, the key, the value and the fix.
+    """
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(
+                f"{arch} config.json is missing the required key {key!r}; add it to "
+                f"config.json (an integer ≥ {minimum})"
+            )
+        return default  # type: ignore[return-value]
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral:
+        raise ConfigError(
+            f"{arch} config.json: {key}={value!r} is {_kind(value)}, not an integer; write "
+            f"{key} as a JSON integer ≥ {minimum} (no quotes) in config.json"
+        )
+    if int(value) < minimum:
+        raise ConfigError(
+            f"{arch} config.json: {key}={int(value)} must be ≥ {minimum}; fix {key} in config.json"
+        )
+    return int(value)
+
+
+def config_number(config: Mapping[str, Any], key: str, arch: str, default: float) -> float:
+    """``config[key]`` as a positive finite number (``default`` when absent or ``null``).
+
+    Raises:
+        ConfigError: a string, boolean or other non-number, or a value that is not
+            positive and finite; one line naming ``config.json``, the key and the value.
+    """
+    value = config.get(key)
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(
+            f"{arch} config.json: {key}={value!r} is {_kind(value)}, not a number; write "
+            f"{key} as a positive JSON number (no quotes) in config.json"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(
+            f"{arch} config.json: {key}={value!r} must be a positive finite number; fix "
+            f"{key} in config.json"
+        )
+    return float(value)
+
+
+def check_head_layout(
+    arch: str,
+    hidden: tuple[str, int],
+    heads: tuple[str, int],
+    kv_heads: tuple[str, int],
+) -> None:
+    """Check that the attention sizes of a ``config.json`` fit together.
+
+    Args:
+        arch: the architecture, for the message.
+        hidden: ``(key, value)`` of the hidden size.
+        heads: ``(key, value)`` of the query heads.
+        kv_heads: ``(key, value)`` of the key/value heads.
+
+    Raises:
+        ConfigError: the hidden size is not a multiple of the heads, the heads are not a
+            multiple of the key/value heads, or the head dimension is odd (RoPE rotates
+            pairs); one line naming both keys and their values.
+    """
+    (hk, h), (nk, n), (kk, kv) = hidden, heads, kv_heads
+    if h % n:
+        raise ConfigError(
+            f"{arch} config.json: {hk}={h} is not divisible by {nk}={n}; set {hk} to a "
+            f"multiple of {nk} (head dim = {hk} / {nk}) in config.json"
+        )
+    if n % kv:
+        raise ConfigError(
+            f"{arch} config.json: {nk}={n} is not a multiple of {kk}={kv}; set {kk} to a "
+            f"divisor of {nk} in config.json"
+        )
+    if (h // n) % 2:
+        raise ConfigError(
+            f"{arch} config.json: head dim {hk}/{nk} = {h}/{n} = {h // n} is odd and RoPE "
+            f"needs it even; fix {hk} or {nk} in config.json"
+        )
+
+
+def check_token_ids(config: Mapping[str, Any], arch: str, vocab: int, vocab_key: str) -> None:
+    """Check that the special token ids of a ``config.json`` are token ids of the model.
+
+    Each of ``mask_token_id``, ``bos_token_id``, ``eos_token_id`` (an id or a list of ids)
+    and ``pad_token_id`` is optional; when present it must be an integer in
+    ``[0, vocab)``.
+
+    Args:
+        config: the ``config.json`` dict.
+        arch: the architecture, for the message.
+        vocab: the number of token ids (the logits width).
+        vocab_key: the key ``vocab`` was read from, for the message.
+
+    Raises:
+        ConfigError: an id that is not an integer or lies outside ``[0, vocab)``; one line
+            naming the key, the value and the vocabulary size.
+    """
+    for key in TOKEN_ID_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+        for tid in ids:
+            if isinstance(tid, bool) or not isinstance(tid, int):
+                raise ConfigError(
+                    f"{arch} config.json: {key}={value!r} is {_kind(tid)}, not a token id; "
+                    f"write it as a JSON integer in [0, {vocab}) in config.json"
+                )
+            if not 0 <= tid < vocab:
+                raise ConfigError(
+                    f"{arch} config.json: {key}={value!r} is outside the vocabulary "
+                    f"[0, {vocab}) of {vocab_key}={vocab}; set {key} to a token id below "
+                    f"{vocab} (or fix {vocab_key}) in config.json"
+                )
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -91,8 +270,16 @@ class NativeModel(Model):
         """Read the [`ArchSpec`][dlm_decode.models.transformer.ArchSpec] from a
         ``config.json`` dict.
 
+        Implementations validate the values against each other (with
+        [`config_int`][dlm_decode.models.native.config_int],
+        [`check_head_layout`][dlm_decode.models.native.check_head_layout] and
+        [`check_token_ids`][dlm_decode.models.native.check_token_ids]) so that a bad
+        config fails here, before anything is allocated.
+
         Raises:
-            ValueError: a required key is missing or a feature is unsupported.
+            ConfigError: a required key is missing, a value has the wrong type or is out
+                of range, or sizes do not fit together.
+            ValueError: a feature is unsupported.
         """
 
     @classmethod
@@ -131,8 +318,13 @@ class NativeModel(Model):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         config: Mapping[str, Any] | None = None,
+        check_weights: bool = True,
     ) -> NativeModel:
         """Load a checkpoint folder in the Hugging Face layout.
+
+        ``config.json`` is validated first
+        ([`spec_from_config`][dlm_decode.models.native.NativeModel.spec_from_config]), then
+        the weight headers, all before a weight is read.
 
         Args:
             path: folder with ``config.json`` and ``model.safetensors`` (or shards with
@@ -141,13 +333,19 @@ class NativeModel(Model):
             dtype: weight dtype or its name; default: ``torch_dtype`` of the config, else
                 float32 on CPU and bfloat16 elsewhere.
             config: the folder's ``config.json`` when the caller has read it already.
+            check_weights: check that no weight holds NaN or inf (one reduction per
+                tensor, see [`check_finite`][dlm_decode.models.checkpoint.check_finite]);
+                ``False`` skips it.
 
         Returns:
             The model, parameters frozen, tokenizer attached when the folder has one.
 
         Raises:
             FileNotFoundError: no config or weights in the folder.
-            ValueError: missing, unexpected or wrong-shaped weights (names listed).
+            CheckpointError: an invalid ``config.json`` (a
+                [`ConfigError`][dlm_decode.models.checkpoint.ConfigError]), a truncated or
+                corrupt weight file, missing, unexpected or wrong-shaped weights (names
+                listed), or NaN/inf weights.
         """
         folder = Path(path)
         config = dict(config) if config is not None else read_config(folder)
@@ -163,6 +361,7 @@ class NativeModel(Model):
             device,
             dtype,
             what=f"the {cls.name} architecture",
+            check_weights=check_weights,
         )
         module.load_state_dict({k: tensors[v] for k, v in names.items()}, assign=True)
         module.requires_grad_(False).eval()
@@ -257,6 +456,11 @@ class NativeModel(Model):
                 f"{type(self).__name__}: config.json has no mask_token_id and the tokenizer "
                 f"has no mask token; add mask_token_id to config.json"
             )
+        if isinstance(mask, bool) or not isinstance(mask, int) or not 0 <= mask < v:
+            raise ConfigError(
+                f"{type(self).__name__}: mask_token_id={mask!r} is not a token id in "
+                f"[0, {v}); set mask_token_id in config.json to the mask token's id"
+            )
         self.mask_token_id = int(mask)
         eos = _as_id_list(cfg.get("eos_token_id"))
         if tok is not None:
@@ -270,6 +474,11 @@ class NativeModel(Model):
             pad = getattr(tok, "pad_token_id", None)
         if pad is None:
             pad = self.eos_token_ids[0] if self.eos_token_ids else 0
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < v:
+            raise ConfigError(
+                f"{type(self).__name__}: pad_token_id={pad!r} is not a token id in "
+                f"[0, {v}); set pad_token_id in config.json"
+            )
         self.pad_token_id = int(pad)
 
     # -- the Model contract -----------------------------------------------------------

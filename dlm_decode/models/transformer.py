@@ -73,6 +73,14 @@ class ArchSpec:
     rope_full_precision: bool = False
 
     def __post_init__(self) -> None:
+        for field in ("d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "vocab_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ArchSpec.{field} must be an integer ≥ 1, got {value!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
+            raise ValueError(f"ArchSpec.max_length must be an integer, got {self.max_length!r}")
+        if self.max_length < 1:
+            raise ValueError(f"ArchSpec.max_length must be ≥ 1, got {self.max_length}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
