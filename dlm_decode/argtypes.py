@@ -14,6 +14,8 @@ import math
 import sys
 from typing import NoReturn
 
+from dlm_decode.config import SEED_MAX
+
 __all__ = ["OneLineParser", "finite_float", "nonnegative_int", "positive_int", "seed_int"]
 
 
@@ -51,8 +53,6 @@ def nonnegative_int(text: str) -> int:
 
 def seed_int(text: str) -> int:
     """A seed: an integer in ``[0, 2**63 - 1]`` (``1e23`` is not an integer)."""
-    from dlm_decode.config import SEED_MAX
-
     value = nonnegative_int(text)
     if value > SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {text!r}")

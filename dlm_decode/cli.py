@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef, format_value, p
 from dlm_decode.decoder import Decoder
 from dlm_decode.evaluate import encode_prompts, evaluate, get_task
 from dlm_decode.models.loading import load_model, resolve_device
-from dlm_decode.registry import UnknownPluginError
+from dlm_decode.registry import PluginLoadWarning, UnknownPluginError
 from dlm_decode.settings import Resolved, resolve
 from dlm_decode.tasks.base import load_samples
 
@@ -50,6 +51,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="tiny, a local folder, or a hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if any)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64")
+    p.add_argument(
+        "--no-check-weights",
+        action="store_true",
+        help="skip the NaN/inf check of the weights on load (one reduction per tensor)",
+    )
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -131,7 +137,12 @@ def _settings_line(settings: Resolved) -> str:
 
 
 def _load(args: argparse.Namespace):
-    return load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
+    return load_model(
+        args.model,
+        device=resolve_device(args.device),
+        dtype=args.dtype,
+        check_weights=not args.no_check_weights,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -449,8 +460,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Show warnings meant for the user (a skipped plugin) as ``dlm-decode: warning: …``."""
+    if issubclass(category, PluginLoadWarning):
+        print(f"dlm-decode: warning: {message}", file=sys.stderr)
+        return
+    _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dlm-decode``; returns the exit code."""
+    warnings.showwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -13,9 +13,10 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "MIN_TEMPERATURE",
     "SEED_MAX",
     "CacheRef",
     "DecodeConfig",
@@ -155,6 +156,11 @@ class CacheRef(PluginRef):
 SEED_MAX = 2**63 - 1
 """The largest seed (``torch.Generator.manual_seed`` takes 64-bit seeds)."""
 
+MIN_TEMPERATURE = 1e-6
+"""The smallest temperature above 0: below it, ``logits / temperature`` overflows float64
+for denormal values (every positive logit becomes ``inf`` and the first one wins), and
+sampling is argmax up to rounding anyway; ``0`` is argmax."""
+
 
 class DecodeConfig(BaseModel):
     """The fields of [`generate`][dlm_decode.decoder.generate]; what experiments serialize.
@@ -173,7 +179,8 @@ class DecodeConfig(BaseModel):
         block_length: tokens per semi-autoregressive block.
         steps: total denoising steps over all blocks (LLaDA's meaning); required by
             ``fixed``, a multiple of the number of blocks. Other policies ignore it.
-        temperature: 0 for argmax; > 0 for Gumbel-max sampling (float64 noise); finite.
+        temperature: 0 for argmax; a finite value ≥ ``MIN_TEMPERATURE`` (1e-6) for
+            Gumbel-max sampling (float64 noise).
         seed: seed of the Gumbel noise, ``0 ≤ seed ≤ 2**63 − 1``.
         early_stop: once a row has committed EOS and every earlier position is decided,
             fill the rest with EOS and stop spending forwards on it.
@@ -200,6 +207,16 @@ class DecodeConfig(BaseModel):
     max_steps_per_block: int | None = Field(None, ge=1)
     trace: bool = False
     profile: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampling_temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature {value!r} is between 0 and {MIN_TEMPERATURE}, where sampling "
+                f"overflows and is argmax anyway; use 0 for argmax or a value ≥ {MIN_TEMPERATURE}"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod

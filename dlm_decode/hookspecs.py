@@ -13,7 +13,10 @@ ever calls the registered classes' methods. The built-in policies (``policies``)
 Validation at load time: a hook implementation whose name matches no spec below is
 rejected (pluggy ``check_pending``); a registered class that does not subclass the right
 base is rejected with ``TypeError``; a name registered twice with the same version is
-rejected with ``ValueError``.
+rejected with ``ValueError``. An installed third-party plugin that fails any of these (or
+whose import or hook raises) is skipped, all its classes with it, with one
+[`PluginLoadWarning`][dlm_decode.registry.PluginLoadWarning]; a failing built-in is an
+error.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ LAZY_ALLOWED = {
     "lm_eval",
     "math_verify",
     "matplotlib",
+    "psutil",
     "transformers",
     "wandb",
     "resource",  # Unix only

@@ -411,3 +411,14 @@ def test_lm_eval_main_passes_the_device_that_runs(monkeypatch: pytest.MonkeyPatc
     assert lm_eval_adapter.with_device(["--device", "cuda:1"]) == ["--device", "cuda:1"]
     given = ["--model_args", "model=tiny,device=cpu"]
     assert lm_eval_adapter.with_device(given)[-2:] == ["--device", "cpu"]
+
+
+def test_denormal_temperature_is_refused_not_silently_wrong(tiny: Any) -> None:
+    """``logits / 1e-320`` overflows: every positive logit became ``inf`` and the first won."""
+    with pytest.raises(ValueError) as exc:
+        Decoder(tiny, policy="threshold", temperature=1e-320)
+    assert "use 0 for argmax" in str(exc.value)
+    ok = Decoder(tiny, policy="threshold", temperature=1e-6, gen_length=16, block_length=16)
+    greedy = Decoder(tiny, policy="threshold", gen_length=16, block_length=16)
+    ids = [[int(t) for t in tiny.tokenizer.encode("sort: 5143132214512231\n")]]
+    assert torch.equal(ok.generate(ids).sequences, greedy.generate(ids).sequences)

@@ -161,18 +161,54 @@ def test_unknown_name_suggests_close_matches() -> None:
         reg.resolve("policy", "zzz")
 
 
-def test_bare_name_resolves_to_newest_version_and_versioned_name_to_that_version() -> None:
-    reg = Registry.build([*builtin_plugins(), ("v2", policy_plugin("v2_plugin", FrechetV2))])
-    assert reg.resolve("policy", "frechet") is FrechetV2
+class OwnRule(FrechetPolicy):
+    """A plugin's own policy, version 1 (a test plugin)."""
+
+    name: ClassVar[str] = "own_rule"
+
+
+class OwnRuleV2(OwnRule):
+    """The same plugin's newer ``own_rule``."""
+
+    version: ClassVar[int] = 2
+
+
+def test_bare_name_resolves_to_the_owners_newest_version() -> None:
+    reg = Registry.build(
+        [*builtin_plugins(), ("own", policy_plugin("own_plugin", OwnRule, OwnRuleV2))]
+    )
+    assert reg.resolve("policy", "own_rule") is OwnRuleV2
+    assert reg.resolve("policy", "own_rule.v2") is OwnRuleV2
+    assert reg.resolve("policy", "own_rule.v1") is OwnRule
+    assert reg.owner("policy", "own_rule") == "own"
+    with pytest.raises(UnknownPluginError, match=r"available: own_rule\.v1, own_rule\.v2"):
+        reg.resolve("policy", "own_rule.v3")
+
+
+def test_another_plugins_version_of_a_builtin_name_is_reachable_only_by_its_key() -> None:
+    with pytest.warns(registry_module.PluginNameWarning) as caught:
+        reg = Registry.build([*builtin_plugins(), ("v2", policy_plugin("v2_plugin", FrechetV2))])
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert "\n" not in msg
+    assert "'v2'" in msg and "'frechet.v2'" in msg and "belongs to the built-ins" in msg
+    assert "still means 'frechet.v1'" in msg
+    assert reg.resolve("policy", "frechet") is FrechetPolicy  # the CLI default is unchanged
+    assert reg.resolve_key("policy", "frechet") == "frechet.v1"
     assert reg.resolve("policy", "frechet.v2") is FrechetV2
     assert reg.resolve("policy", "frechet.v1") is FrechetPolicy
+    assert reg.owner("policy", "frechet") == registry_module.BUILTIN_OWNER
+    rows = {r["key"]: r for r in reg.listing()}
+    assert rows["frechet.v1"]["default"] and not rows["frechet.v2"]["default"]
     with pytest.raises(UnknownPluginError, match=r"available: frechet\.v1, frechet\.v2"):
         reg.resolve("policy", "frechet.v3")
 
 
 def test_public_api_sees_a_plugin_version_after_reset(restore_global_registry: None) -> None:
-    registry_module.reset_registry([("v2", policy_plugin("v2_plugin", FrechetV2))])
-    assert dlm_decode.get_policy("frechet").key == "frechet.v2"
+    with pytest.warns(registry_module.PluginNameWarning):
+        registry_module.reset_registry([("v2", policy_plugin("v2_plugin", FrechetV2))])
+    assert dlm_decode.get_policy("frechet").key == "frechet.v1"
+    assert dlm_decode.get_policy("frechet.v2").key == "frechet.v2"
     assert dlm_decode.get_policy("frechet.v1").key == "frechet.v1"
     keys = {r["key"] for r in dlm_decode.list_plugins("policy")}
     assert {"frechet.v1", "frechet.v2"} <= keys
@@ -280,7 +316,6 @@ def _loaded_policy_names(monkeypatch: pytest.MonkeyPatch, env: str | None) -> li
         ("", []),
         ("alpha", ["ext_alpha"]),
         ("alpha, beta", ["ext_alpha", "ext_beta"]),
-        ("beta,nonexistent", ["ext_beta"]),
     ],
 )
 def test_env_var_loads_only_the_named_external_plugins(
@@ -291,13 +326,43 @@ def test_env_var_loads_only_the_named_external_plugins(
 ) -> None:
     names = _loaded_policy_names(monkeypatch, env)
     assert names == sorted([*BUILTIN_POLICY_NAMES, *external])
+    monkeypatch.setenv(registry_module.ENV_VAR, env)
+    assert Registry.from_entry_points().names("policy") == names  # the lazy registry agrees
 
 
-def test_env_var_unset_loads_every_entry_point_and_names_a_broken_one(
+def test_env_var_naming_a_plugin_that_is_not_installed_warns_in_one_line(
     monkeypatch: pytest.MonkeyPatch, fake_entry_points: None
 ) -> None:
-    with pytest.raises(ImportError, match="could not load dlm_decode plugin 'broken'"):
-        _loaded_policy_names(monkeypatch, None)
+    with pytest.warns(registry_module.PluginLoadWarning) as caught:
+        names = _loaded_policy_names(monkeypatch, "beta,nonexistent")
+    assert names == sorted([*BUILTIN_POLICY_NAMES, "ext_beta"])
+    (msg,) = [str(w.message) for w in caught]
+    assert "\n" not in msg
+    assert "names 'nonexistent'" in msg and "installed: alpha, beta, broken" in msg
+
+
+def test_env_var_unset_loads_every_entry_point_and_skips_a_broken_one_naming_it(
+    monkeypatch: pytest.MonkeyPatch, fake_entry_points: None
+) -> None:
+    with pytest.warns(registry_module.PluginLoadWarning) as caught:
+        names = _loaded_policy_names(monkeypatch, None)
+    assert names == sorted([*BUILTIN_POLICY_NAMES, "ext_alpha", "ext_beta"])
+    (msg,) = [str(w.message) for w in caught]
+    assert "\n" not in msg
+    assert "skipped dlm_decode plugin 'broken'" in msg
+    assert "ModuleNotFoundError" in msg and "dlm_fake_missing_module" in msg
+    assert "uninstall it or fix it; DLM_DECODE_PLUGINS=alpha,beta limits" in msg
+
+
+def test_env_var_naming_a_broken_plugin_is_an_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, fake_entry_points: None
+) -> None:
+    with pytest.raises(registry_module.PluginLoadError) as info:
+        _loaded_policy_names(monkeypatch, "alpha,broken")
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in msg
+    assert "plugin 'broken', named in DLM_DECODE_PLUGINS, failed to load" in msg
+    assert "remove it from DLM_DECODE_PLUGINS" in msg
 
 
 def test_builtins_load_even_without_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from dlm_decode.interfaces import Model
 from dlm_decode.models.checkpoint import check_finite, load_tokenizer, read_config
-from dlm_decode.registry import get_registry
+from dlm_decode.registry import BUILTIN_OWNER, get_registry
 
 __all__ = [
     "TINY_FOLDER",
@@ -154,23 +154,25 @@ def resolve_model_folder(name_or_path: str | Path) -> Path:
 def find_model_class(model_type: str) -> type[Model]:
     """The registered model class whose ``config_model_types`` contains ``model_type``.
 
+    A built-in that loads ``model_type`` wins over plugins claiming it too (built-ins own
+    their model types, as they own their names); several plugins claiming a type no
+    built-in loads is an error.
+
     Raises:
         ValueError: no registered class loads ``model_type``, or several distinct ones do.
     """
-    entries = get_registry().entries["model"]
-    found = []
-    known = []
-    for name in sorted(entries):
-        cls = entries[name][max(entries[name])]
-        known.extend(getattr(cls, "config_model_types", ()))
-        if model_type in getattr(cls, "config_model_types", ()):
-            found.append(cls)
+    registry = get_registry()
+    found = registry.matching("model", lambda c: model_type in getattr(c, "config_model_types", ()))
     if not found:
+        every = registry.matching("model", lambda c: True)
+        known = [t for c in every for t in getattr(c, "config_model_types", ())]
         raise ValueError(
             f"unknown model_type {model_type!r} in config.json; registered model plugins "
             f"load: {', '.join(sorted(set(known))) or '(none)'}. Install a plugin that "
             f"registers it (hook register_models)."
         )
+    builtin = [c for c in found if registry.owner("model", c.name) == BUILTIN_OWNER]
+    found = builtin or found  # the built-ins own the model types they load
     if len(found) > 1:
         raise ValueError(
             f"model_type {model_type!r} is claimed by several model plugins: "
