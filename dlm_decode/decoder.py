@@ -31,6 +31,7 @@ from dlm_decode.interfaces import (
     StepState,
     positions_from_mask,
 )
+from dlm_decode.models.memory import check_memory
 from dlm_decode.settings import CacheLike, PolicyLike, resolve
 from dlm_decode.signals import Decision, History, SignalSpec, compute_signals, parse_needs
 
@@ -701,6 +702,8 @@ class Decoder:
             )
         if p < model.logits_shift:
             raise ValueError("a shifted-logits model needs a prompt of at least one token")
+        # before any buffer is allocated
+        check_memory(model, bsz, total, self.cache, logits_length=cfg.block_length + 1)
         run = self._begin(ids, am)
         dev = model.device
         if cfg.temperature > 0 or "uniform" in self.signal_spec:
