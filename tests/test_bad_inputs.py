@@ -177,6 +177,17 @@ CLI_ROWS: list[tuple[str, Callable[[Path], list[str]], str]] = [
         ],
         "is the --data file",
     ),
+    (
+        "duplicate-sample-ids",
+        lambda t: [
+            "eval",
+            "--task",
+            "math500",
+            "--data",
+            _gsm(t, [{"problem": "1+1?", "answer": "2", "unique_id": "a"}] * 3, "m.jsonl"),
+        ],
+        "sample id 'a' occurs 3 times",
+    ),
     ("plot-not-png", lambda t: ["quickstart", "--plot", str(t / "x.jpg")], "must be a .png"),
     (
         "plot-unwritable",
@@ -422,3 +433,16 @@ def test_denormal_temperature_is_refused_not_silently_wrong(tiny: Any) -> None:
     greedy = Decoder(tiny, policy="threshold", gen_length=16, block_length=16)
     ids = [[int(t) for t in tiny.tokenizer.encode("sort: 5143132214512231\n")]]
     assert torch.equal(ok.generate(ids).sequences, greedy.generate(ids).sequences)
+
+
+def test_bench_says_when_a_length_stretches_the_random_weights(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dlm_decode import bench
+
+    config = bench.arch_config("llada-tiny", 100_000)
+    assert config.get("max_sequence_length", config.get("max_position_embeddings")) == 100_000
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "100000 positions exceed llada-tiny's" in err[0], err
+    bench.arch_config("llada-tiny", 16)
+    assert capsys.readouterr().err == ""  # a length that fits says nothing
