@@ -20,15 +20,19 @@ from dlm_decode.decoder import Decoder
 from dlm_decode.interfaces import Model
 from dlm_decode.registry import get_registry
 from dlm_decode.tasks.base import Sample, Task, check_unique_ids, load_samples
+from dlm_decode.tasks.common import truncate_at
 
 __all__ = [
+    "ROW_TIMING_FIELDS",
     "EvalResult",
     "check_task_options",
     "decode_and_score",
     "encode_prompts",
     "evaluate",
     "get_task",
+    "reference_token_counts",
     "row_commits",
+    "row_latency_share",
     "summarize",
     "task_uses_chat",
 ]
@@ -126,12 +130,36 @@ class EvalResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+#: A row's timing: ``batch_latency_s`` (wall time of the ``generate`` call that decoded
+#: the row together with the others of its batch), ``batch_rows`` (how many rows that call
+#: decoded), ``latency_share_s`` (the one divided by the other) and ``latency_s``, the name
+#: rows written before these fields gave the share.
+ROW_TIMING_FIELDS = ("batch_latency_s", "batch_rows", "latency_share_s", "latency_s")
+
+
+def row_latency_share(row: dict[str, Any]) -> float:
+    """The row's share of its batch's decode time, in seconds.
+
+    Not the row's own latency: every row of a batch gets the same share. Reads
+    ``latency_share_s``, or ``latency_s`` in rows written before that field existed.
+
+    Args:
+        row: an evaluation or sweep row.
+
+    Returns:
+        The share (0 when the row records neither field).
+    """
+    value = row.get("latency_share_s", row.get("latency_s", 0.0))
+    return float(value) if value is not None else 0.0
+
+
 def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> dict[str, Any]:
     """Aggregate per-sample rows (also used when resuming from saved rows).
 
     Args:
         rows: rows as produced by [`evaluate`][dlm_decode.evaluate.evaluate].
-        wall_s: decode wall time; default the sum of the rows' latencies.
+        wall_s: decode wall time; default the sum of the rows' shares of their batches'
+            time ([`row_latency_share`][dlm_decode.evaluate.row_latency_share]).
 
     Returns:
         ``accuracy``, ``n``, ``tokens_per_s``, ``nfe_total``, ``nfe_per_sample``,
@@ -143,10 +171,11 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> di
     n = len(rows)
     if n == 0:
         return {"n": 0}
-    wall = wall_s if wall_s is not None else sum(r["latency_s"] for r in rows)
+    wall = wall_s if wall_s is not None else sum(row_latency_share(r) for r in rows)
     toks = sum(r["response_tokens"] for r in rows)
     nfe = sum(r["nfe"] for r in rows)
     tf = sum(r.get("token_forwards", 0) for r in rows)  # rows written before it: 0
+    ref = sum(r.get("reference_tokens", 0) for r in rows)
     out: dict[str, Any] = {
         "n": n,
         "accuracy": sum(bool(r["correct"]) for r in rows) / n,
@@ -158,6 +187,11 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float | None = None) -> di
         "token_forwards_per_sample": tf / n,
         "response_tokens": toks,
         "wall_s": wall,
+        # the reference's accounting: answer tokens cut at the task's stop strings and
+        # re-tokenized, over the same wall time (see reference_token_counts)
+        "reference_tokens": ref,
+        "tokens_per_s_reference": ref / wall if wall > 0 else float("nan"),
+        "tokens_per_nfe_reference": ref / nfe if nfe else float("nan"),
     }
     # Other boolean verdicts, e.g. GSM8K's strict extraction: correct_strict → accuracy_strict.
     extra = sorted(
@@ -262,11 +296,13 @@ def decode_and_score(
         samples: the batch.
 
     Returns:
-        One row per sample (``id``, ``prompt``, ``completion``, ``response_tokens``, ``nfe``,
-        ``latency_s``, ``commits``, ``block_steps``, ``token_forwards``, ``edits``, ``remasks``
-        and the task's
-        score fields; a score field
-        never overrides these) and the batch's decode wall time in seconds.
+        One row per sample (``id``, ``prompt``, ``completion``, ``response_tokens``,
+        ``reference_tokens``, ``nfe``, ``batch_latency_s`` / ``batch_rows`` /
+        ``latency_share_s`` (see
+        [`row_latency_share`][dlm_decode.evaluate.row_latency_share]), ``commits``,
+        ``block_steps``, ``token_forwards``, ``edits``, ``remasks`` and the task's score
+        fields; a score field never overrides these) and the batch's decode wall time in
+        seconds.
     """
     model = decoder.model
     prompts = encode_prompts(model, [s.prompt for s in samples], chat=task_uses_chat(task, model))
@@ -275,6 +311,7 @@ def decode_and_score(
     dt = time.perf_counter() - t0
     texts = res.texts(model.tokenizer)
     lengths = res.response_lengths().tolist()
+    ref_tokens = reference_token_counts(model.tokenizer, texts, task.stop)
     nfes = res.nfe_per_row.tolist()
     scores = _score(task, samples, texts)
     rows = []
@@ -285,8 +322,11 @@ def decode_and_score(
             "prompt": s.prompt,
             "completion": texts[j],
             "response_tokens": int(lengths[j]),
+            "reference_tokens": ref_tokens[j],
             "nfe": int(nfes[j]),
-            "latency_s": dt / len(samples),
+            "batch_latency_s": dt,
+            "batch_rows": len(samples),
+            "latency_share_s": dt / len(samples),
             "commits": commits,
             "block_steps": block_steps,
             "token_forwards": int(res.token_forwards_per_row[j]),
@@ -297,6 +337,24 @@ def decode_and_score(
         row["correct"] = bool(scores[j].get("correct", False))
         rows.append(row)
     return rows, dt
+
+
+def reference_token_counts(tokenizer: Any, texts: Sequence[str], stop: Sequence[str]) -> list[int]:
+    """Answer tokens as the Fast-dLLM(++) reference evaluation counts them: each text cut
+    at the first ``stop`` string (lm-eval's ``until``), re-tokenized, special tokens not
+    added (``0`` for every text when there is no tokenizer).
+
+    Args:
+        tokenizer: the model's tokenizer (``None`` → zeros).
+        texts: the decoded completions.
+        stop: the task's stop strings.
+
+    Returns:
+        One count per text.
+    """
+    if tokenizer is None:
+        return [0] * len(texts)
+    return [len(tokenizer.encode(truncate_at(t, stop), add_special_tokens=False)) for t in texts]
 
 
 def _score(task: Task, batch: Sequence[Sample], texts: Sequence[str]) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ from dlm_decode.ablate import (
 )
 from dlm_decode.ablate.store import RowStore, read_sweep_rows, repair_tail
 from dlm_decode.config import DecodeConfig, PolicyRef
+from dlm_decode.evaluate import ROW_TIMING_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +182,7 @@ def strip_timing(table: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def strip_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in ("latency_s", "rank")}
+    return {k: v for k, v in row.items() if k not in (*ROW_TIMING_FIELDS, "rank")}
 
 
 def rows_by_key(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -445,6 +446,19 @@ def test_sweep_outputs(reference: dict[str, Any]) -> None:
         assert key in envj
     rows = read_rows(out / "rows.jsonl")
     assert len(rows) == 4 * 12
+    # Timing fields say what they are: the batch's wall time and each row's share of it.
+    assert all("latency_s" not in r for r in rows)
+    batches: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        assert r["batch_latency_s"] > 0 and r["batch_rows"] in (1, 2)
+        assert r["latency_share_s"] == pytest.approx(r["batch_latency_s"] / r["batch_rows"])
+        batches.setdefault((r["run_id"], r["sample_index"] // 2), []).append(r)
+    for members in batches.values():  # batch_size 2, greedy: one generate call per batch
+        assert {m["batch_latency_s"] for m in members} == {members[0]["batch_latency_s"]}
+        assert all(m["batch_rows"] == len(members) for m in members)
+    for t in res.table:
+        mine = [r for r in rows if r["run_id"] == t["run_id"]]
+        assert t["wall_s"] == pytest.approx(sum(r["latency_share_s"] for r in mine))
     assert all(r["token_forwards"] >= r["nfe"] for r in rows)
     assert all(
         float(t["token_forwards_per_sample"]) > 0 for t in read_table_csv(out / "summary.csv")
@@ -462,6 +476,108 @@ def test_sweep_outputs(reference: dict[str, Any]) -> None:
     assert fr["tokens_per_nfe"] > 1.0  # the peaky model commits in parallel
     summary = (out / "summary.md").read_text()
     assert "| fake_abl | fixed(score=confidence, steps=32) * | dual | 32/8 |" in summary
+
+
+def test_environment_json_lists_plugin_distributions_and_component_keys(
+    reference: dict[str, Any],
+) -> None:
+    import importlib.metadata
+
+    envj = json.loads((reference["out"] / "environment.json").read_text())
+    plugins = {p["source"]: p for p in envj["plugins"]}
+    version = importlib.metadata.version("dlm-decode")
+    for source in ("dlm_decode.policies", "dlm_decode.caches", "dlm_decode.models"):
+        assert plugins[source]["builtin"] is True
+        assert (plugins[source]["distribution"], plugins[source]["version"]) == (
+            "dlm-decode",
+            version,
+        )
+    assert "policy frechet.v1" in plugins["dlm_decode.policies"]["provides"]
+    # The config's plugin module is listed too (not installed: no distribution).
+    fake = plugins["abl_fake_tasks"]
+    assert fake["builtin"] is False and fake["distribution"] is None
+    assert {"task fake_abl.v1", "cache tagged_dual.v1"} <= set(fake["provides"])
+    runs = reference["result"].runs
+    assert envj["components"] == {
+        "policies": sorted({r.policy_key for r in runs}),
+        "caches": ["dual.v1"],
+    }
+    assert {"threshold.v1", "factor.v1", "frechet.v1"} <= set(envj["components"]["policies"])
+
+
+def test_plugin_distributions_name_an_installed_plugin_and_its_version(
+    tmp_path: Path,
+) -> None:
+    import importlib
+
+    from dlm_decode.ablate.runner import plugin_distributions
+    from dlm_decode.registry import reset_registry
+
+    site = tmp_path / "site"
+    info = site / "dlm_fake_envplug-0.3.0.dist-info"
+    info.mkdir(parents=True)
+    meta = "Metadata-Version: 2.1\nName: dlm-fake-envplug\nVersion: 0.3.0\n"
+    (info / "METADATA").write_text(meta)
+    (info / "entry_points.txt").write_text("[dlm_decode]\nenvplug = dlm_fake_envplug\n")
+    (site / "dlm_fake_envplug.py").write_text(
+        "from dlm_decode.hookspecs import hookimpl\n"
+        "from dlm_decode.tasks.base import Task\n\n"
+        "class EnvTask(Task):\n"
+        "    name = 'env_fake'\n    version = 2\n    chat = False\n"
+        "    def samples(self, limit=None):\n        return []\n"
+        "    def score(self, sample, completion):\n        return {'correct': False}\n\n"
+        "@hookimpl\ndef register_tasks(register):\n    register(EnvTask)\n"
+    )
+    old = os.environ.get("DLM_DECODE_PLUGINS")
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    os.environ["DLM_DECODE_PLUGINS"] = "envplug"
+    try:
+        reset_registry()
+        found = {p["source"]: p for p in plugin_distributions()}
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("dlm_fake_envplug", None)
+        if old is None:
+            os.environ.pop("DLM_DECODE_PLUGINS", None)
+        else:
+            os.environ["DLM_DECODE_PLUGINS"] = old
+        reset_registry()
+    assert found["envplug"] == {
+        "source": "envplug",
+        "distribution": "dlm-fake-envplug",
+        "version": "0.3.0",
+        "builtin": False,
+        "provides": ["task env_fake.v2"],
+    }
+    assert found["dlm_decode.tasks"]["distribution"] == "dlm-decode"
+
+
+def test_table_reads_rows_written_before_the_latency_fields_were_renamed(
+    reference: dict[str, Any],
+) -> None:
+    from dlm_decode.ablate import build_table
+
+    cfg, res = reference["cfg"], reference["result"]
+    rows = read_sweep_rows(reference["out"])
+    old = [
+        {
+            **{k: v for k, v in r.items() if k not in ROW_TIMING_FIELDS},
+            "latency_s": r["latency_share_s"],
+        }
+        for r in rows
+    ]
+    new_table = build_table(cfg, res.runs, rows)
+    old_table = build_table(cfg, res.runs, old)
+    assert [t["wall_s"] for t in old_table] == pytest.approx([t["wall_s"] for t in new_table])
+    assert [t["tokens_per_s"] for t in old_table] == pytest.approx(
+        [t["tokens_per_s"] for t in new_table]
+    )
+    from dlm_decode.ablate.tracking import sample_metrics
+
+    assert sample_metrics(old[0])["sample/latency_share_s"] == rows[0]["latency_share_s"]
+    assert "sample/batch_latency_s" not in sample_metrics(old[0])
+    assert sample_metrics(rows[0])["sample/batch_latency_s"] == rows[0]["batch_latency_s"]
 
 
 def _wait_rows(path: Path, proc: subprocess.Popen, n: int, timeout: float = 60.0) -> int:
@@ -612,6 +728,217 @@ def test_wandb_offline_logs_equal_the_rows_and_table(reference: dict[str, Any]) 
     assert json.loads((reference["out"] / "wandb_logged.json").read_text())
 
 
+def _offline_sweep(
+    env: dict[str, Any], out: Path, wdir: Path, plots: dict[str, Any], log: list[str]
+) -> list[Path]:
+    """Rerun the reference sweep's config into ``out`` with W&B offline in ``wdir``;
+    return the offline run files this invocation wrote."""
+    cfg = load_config(make_config(env, wandb={"enabled": True, "project": "abl-test"}, plots=plots))
+    old = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(wdir), WANDB_SILENT="true")
+    try:
+        res = run_sweep(cfg, out, progress=False, log=log.append)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert res.decoded == 0
+    return sorted(wdir.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_rerun_after_a_plot_setting_changed_logs_the_redrawn_plots(
+    env: dict[str, Any], reference: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    from dlm_decode.ablate import plots
+
+    out = tmp_path / "sweep"
+    shutil.copytree(reference["out"], out)
+    logged = json.loads((out / "wandb_plots.json").read_text())
+    assert set(logged) == {"frontier", "commits_per_step", "profiles"}
+    # Same settings: the plots are redrawn identically, so nothing is logged again.
+    log: list[str] = []
+    same = {"enabled": True, "profile_steps": 2}
+    assert _offline_sweep(env, out, tmp_path / "w1", same, log) == []
+    assert not any(line.startswith("W&B:") for line in log)
+    # A plot setting changed: the rows are all there, but the redrawn plot is logged.
+    drawn: list[tuple[Any, ...]] = []
+    real = plots.plot_profiles
+
+    def spy(steps: Any, policy: Any, path: Path, title: str) -> Path:
+        drawn.append((steps, policy, title))
+        return real(steps, policy, path, title)
+
+    monkeypatch.setattr(plots, "plot_profiles", spy)
+    before = (out / "profiles.png").read_bytes()
+    changed = {
+        "enabled": True,
+        "profile_steps": 3,
+        "profile_policy": {"policy": "threshold", "args": {"threshold": 0.9}},
+    }
+    log.clear()
+    (run_file,) = _offline_sweep(env, out, tmp_path / "w2", changed, log)
+    assert (out / "profiles.png").read_bytes() != before
+    rec = _read_wandb_file(run_file)
+    assert rec["name"] == "abl_test/summary"
+    keys = {k for h in rec["history"] for k in h}
+    assert any(k.startswith("plots/profiles") for k in keys), keys
+    assert any(k.startswith("plots/frontier") for k in keys)  # the summary run is complete
+    assert rec["summary"]["plots/redrawn"] == ["profiles"]
+    assert any("redrawn plots logged again: profiles" in line for line in log), log
+    now = json.loads((out / "wandb_plots.json").read_text())
+    assert now["profiles"] != logged["profiles"] and now["frontier"] == logged["frontier"]
+    # The profile plot drew the traced rule's own criterion, every masked position.
+    ((steps, policy, title),) = drawn
+    assert policy.key == "threshold.v1" and "threshold" in title and len(steps) == 3
+    for caption, prof, committed in steps:
+        assert f"{len(prof)} masked, {committed} committed" in caption
+
+
+# --------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------
+
+
+def _capture_figure(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Keep every figure that is saved (so a test can inspect it after ``plt.close``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen: list[Any] = []
+    real = plt.Figure.savefig
+
+    def spy(fig: Any, path: Any, **kw: Any) -> None:
+        seen.append(fig)
+        real(fig, path, **kw)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    return seen
+
+
+def _profile(m: int) -> list[float]:
+    return [round(1.0 - 0.03 * i - (0.3 if i >= 5 else 0.0), 4) for i in range(m)]
+
+
+def test_profiles_draw_the_traced_rules_own_criterion_at_every_masked_position(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from dlm_decode.ablate import plots
+    from dlm_decode.policies.rules import FactorPolicy, FrechetPolicy, ThresholdPolicy
+
+    seen = _capture_figure(monkeypatch)
+    steps = [("16 masked", _profile(16), 5), ("11 masked", _profile(11), 3)]
+    for policy, name, bound in (
+        (ThresholdPolicy(ThresholdPolicy.Params(threshold=0.8)), "c(n)", "τ = 0.8"),
+        (FactorPolicy(FactorPolicy.Params(factor=1.0)), "(n+1)(1−c(n))", "f = 1"),
+        (FrechetPolicy(FrechetPolicy.Params(margin=0.25)), "G_n", "δ = 0.25"),
+    ):
+        plots.plot_profiles(steps, policy, tmp_path / "p.png", "t")
+        fig = seen.pop()
+        panels = [ax for ax in fig.axes if ax.get_xlabel() == "prefix size n"]
+        for ax, (_, prof, _) in zip(panels, steps, strict=True):
+            assert len(ax.patches) == len(prof)  # a bar per masked position
+            assert ax.get_xlim()[1] > len(prof)
+            xs = sorted(x for ln in ax.lines for x in ln.get_xdata() if ln.get_marker() == "o")
+            assert xs == list(range(1, len(prof) + 1))  # the criterion at every n
+            crit = policy.criterion(torch.tensor(prof, dtype=torch.float64))
+            assert crit is not None
+            n = list(range(1, len(prof) + 1))
+            (curve,) = [ln for ln in ax.lines if list(ln.get_xdata()) == n]
+            assert list(curve.get_ydata()) == pytest.approx(crit.values.tolist())
+        texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert any(t.startswith(name) for t in texts), texts
+        assert bound in texts and not (name != "G_n" and any("G_n" in t for t in texts))
+
+
+def test_profiles_of_a_rule_without_a_criterion_draw_the_profile_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from dlm_decode.ablate import plots
+    from dlm_decode.policies.rules import FixedPolicy, ThresholdPolicy
+
+    seen = _capture_figure(monkeypatch)
+    steps = [("16 masked", _profile(16), 1)]
+    plots.plot_profiles(steps, FixedPolicy(), tmp_path / "p.png", "t")
+    (ax,) = [ax for ax in seen[0].axes if ax.get_xlabel() == "prefix size n"]
+    assert len(ax.patches) == 16
+    assert [ln.get_marker() for ln in ax.lines if ln.get_marker() == "o"] == []
+    texts = [t.get_text() for t in seen[0].legends[0].get_texts()]
+    assert sorted(texts) == ["c(n) sorted confidence", "committed"]
+
+    class Declares:  # any policy may declare a criterion, count rule or not
+        def criterion(self, sorted_conf: torch.Tensor) -> Any:
+            return ThresholdPolicy(ThresholdPolicy.Params(threshold=0.5)).criterion(sorted_conf)
+
+    plots.plot_profiles(steps, Declares(), tmp_path / "p.png", "t")  # type: ignore[arg-type]
+    texts = [t.get_text() for t in seen[1].legends[0].get_texts()]
+    assert "τ = 0.5" in texts
+
+
+def test_frontier_labels_of_close_points_never_overlap(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from dlm_decode.ablate import plots
+    from dlm_decode.ablate.config import expand_runs as expand
+
+    cfg = load_config(
+        {
+            "name": "close",
+            "model": {"name": "tiny", "device": "cpu"},
+            "tasks": [{"name": "synthetic", "limit": 2}],
+            "caches": ["dual", "prefix"],
+            "lengths": [{"gen_length": 32, "block_length": 8}],
+            "policies": [
+                {"policy": "threshold", "args": {"threshold": [0.5, 0.6, 0.7, 0.8, 0.9]}},
+                {"policy": "factor", "args": {"factor": [0.7, 0.8, 0.9, 1.0]}},
+                {"policy": "frechet", "args": {"margin": [0.1, 0.2, 0.3]}},
+            ],
+            "wandb": {"enabled": False},
+        },
+        validate_plugins=False,
+    )
+    runs = expand(cfg)
+    far = len(runs) - 2  # the last two points spread the axes: the others sit in a clump
+    table = [
+        {
+            "run_id": r.run_id,
+            "task": "synthetic",
+            "policy_family": r.setting.family_label,
+            "setting": r.setting_label,
+            "cache": r.cache,
+            "gen_length": 32,
+            "block_length": 8,
+            "n": 2,
+            "accuracy": 0.9 if i >= far else 0.5 + 0.002 * (i % 3),
+            "tokens_per_s": (100.0 + 0.2 * i) * (10 if i >= far else 1),
+            "tokens_per_nfe": (2.0 + 0.002 * i) * (4 if i >= far else 1),
+            "token_forwards_per_sample": (300.0 + 0.5 * i) * (3 if i >= far else 1),
+        }
+        for i, r in enumerate(runs)
+    ]
+    assert len(table) == 24
+    seen = _capture_figure(monkeypatch)
+    plots.plot_frontier(table, runs, tmp_path / "frontier.png", "close")
+    (fig,) = seen
+    texts = [t for ax in fig.axes for t in ax.texts]
+    assert len(texts) == 3 * 24  # every point of every panel is labelled
+    measured = plots.label_boxes(fig)  # gives the closed figure a canvas, and draws it
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in texts]
+    assert [tuple(b.extents) for b in boxes] == [tuple(b.extents) for b in measured]
+    clashes = [
+        (texts[i].get_text(), texts[j].get_text())
+        for i in range(len(boxes))
+        for j in range(i + 1, len(boxes))
+        if boxes[i].overlaps(boxes[j])
+    ]
+    assert clashes == []
+
+
 # --------------------------------------------------------------------------------------
 # Counterfactual trace and commit audit
 # --------------------------------------------------------------------------------------
@@ -701,13 +1028,15 @@ def test_sweep_report_includes_counterfactual_and_audit(
 def test_accelerate_two_processes_merge_to_the_same_rows(
     env: dict[str, Any], reference: dict[str, Any], tmp_path: Path
 ) -> None:
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate is not installed")
+    # Through this interpreter, not an ``accelerate`` on PATH: ``python -m pytest`` from an
+    # unactivated venv must run this test, not skip it.
+    pytest.importorskip("accelerate.commands.launch", reason="accelerate is not installed")
     cfg_path = write_config(tmp_path / "abl_test.yaml", make_config(env))
     out = tmp_path / "dp"
     cmd = [
-        "accelerate",
-        "launch",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
         "2",

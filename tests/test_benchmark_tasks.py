@@ -614,7 +614,7 @@ def test_cli_eval_gsm8k_writes_rows(tiny_checkpoint: Path, tmp_path: Path) -> No
         for key in ("prompt", "completion", "correct", "correct_strict", "extracted", "nfe"):
             assert key in r
         assert r["prompt"].count("Question: ") == 6  # 5 shots + the test question
-        assert 0 <= r["response_tokens"] <= 8 and r["latency_s"] >= 0
+        assert 0 <= r["response_tokens"] <= 8 and r["latency_share_s"] >= 0
 
 
 def test_cli_missing_data_is_a_one_line_error(

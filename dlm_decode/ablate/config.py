@@ -41,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from dlm_decode.ablate.paper import PaperSpec, unmatched_paper_rows
 from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef
 from dlm_decode.evaluate import check_task_options
 from dlm_decode.registry import (
@@ -395,6 +396,9 @@ class AblationConfig(_Strict):
         audit: commit audit options.
         wandb: W&B options.
         plots: plot options.
+        paper: published figures this sweep reproduces (see
+            [`PaperSpec`][dlm_decode.ablate.paper.PaperSpec]); the report ``paper.md``
+            puts ours beside them.
     """
 
     name: str
@@ -418,6 +422,7 @@ class AblationConfig(_Strict):
     audit: AuditSpec = Field(default_factory=AuditSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     plots: PlotSpec = Field(default_factory=PlotSpec)
+    paper: PaperSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -962,6 +967,8 @@ def validate_config(cfg: AblationConfig) -> list[str]:
                 f"{cfg.baseline.args or ''}".rstrip()
                 + "; add it to 'policies' or change the selector"
             )
+    if cfg.paper is not None and not problems:
+        problems += unmatched_paper_rows(cfg, expand_runs(cfg))
     return problems
 
 

@@ -7,8 +7,13 @@
   cache saves, and what it costs in accuracy);
 * ``commits_per_step*.png`` — tokens committed at each denoising step of one example
   decode, policy beside policy (Figure 4 style), from the rows' commit counts;
-* ``profiles*.png`` — sorted confidence profiles of a traced decode with the Fréchet score
-  ``G_n``, the factor core ``F_n`` and the heterogeneity bonus ``B_n``.
+* ``profiles*.png`` — sorted confidence profiles of a traced decode, every masked position
+  of each drawn step, with what the traced rule itself compares along the profile (its
+  [`ProfileCriterion`][dlm_decode.interfaces.ProfileCriterion] and bound); a rule that
+  declares none gets the profile alone.
+
+Point labels (the frontier's parameter values) are placed by
+[`place_labels`][dlm_decode.ablate.plots.place_labels], so that no two overlap.
 """
 
 from __future__ import annotations
@@ -28,15 +33,18 @@ from dlm_decode.ablate.config import (
 from dlm_decode.config import format_value
 from dlm_decode.decoder import Decoder
 from dlm_decode.evaluate import encode_prompts, task_uses_chat
-from dlm_decode.interfaces import CommitPolicy, CountPolicy
+from dlm_decode.interfaces import CommitPolicy, ProfileCriterion
 
 __all__ = [
     "draw_all",
     "frontier_series",
+    "label_boxes",
+    "place_labels",
     "plot_caches",
     "plot_commits_per_step",
     "plot_frontier",
     "plot_profiles",
+    "profile_criterion",
 ]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
@@ -60,6 +68,120 @@ def _short(run: RunSpec | dict[str, Any]) -> str:
     args = run.policy_args if isinstance(run, RunSpec) else run["policy_args"]
     vals = [f"{v:g}" if isinstance(v, float) else str(v) for v in args.values()]
     return ",".join(vals)
+
+
+#: Directions tried around a point, in order of preference (right-above first).
+_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0))
+#: Label distances from the point tried, in points; past the first a leader line is drawn.
+_RADII = (4.0, 11.0, 18.0, 26.0, 36.0, 48.0, 62.0, 80.0)
+_GAP_PX = 2.0  # clearance kept between two labels
+
+
+def _clear(box: Any, boxes: Sequence[Any]) -> bool:
+    """Whether ``box`` stays ``_GAP_PX`` away from every box of ``boxes``."""
+    return not any(
+        box.x0 < b.x1 + _GAP_PX
+        and b.x0 < box.x1 + _GAP_PX
+        and box.y0 < b.y1 + _GAP_PX
+        and b.y0 < box.y1 + _GAP_PX
+        for b in boxes
+    )
+
+
+def _inside(box: Any, frame: Any) -> bool:
+    return frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+
+
+def place_labels(
+    ax: Any,
+    points: Sequence[tuple[float, float, str, Any]],
+    *,
+    placed: list[Any] | None = None,
+    fontsize: float = 8,
+) -> list[Any]:
+    """Annotate points so that no two labels overlap (greedy placement).
+
+    Each label tries positions around its point, nearest first (eight directions at a
+    growing distance), and takes the first whose bounding box (from the renderer) keeps
+    clear of every label placed before it, preferring positions inside the axes; a label
+    pushed past the nearest ring gets a thin leader line to its point. The axes limits
+    are fixed first, and the boxes are measured in pixels: call it once the figure's
+    layout is final (after ``tight_layout``).
+
+    Args:
+        ax: the axes.
+        points: ``(x, y, text, colour)`` in data coordinates; empty texts are skipped.
+        placed: bounding boxes (display coordinates) to keep clear of, e.g. the labels of
+            other panels; the new labels' boxes are appended to it.
+        fontsize: label font size in points.
+
+    Returns:
+        The annotations, in the order of ``points`` (without the skipped ones).
+    """
+    ax.set_xlim(ax.get_xlim())  # autoscaling must not move the points after placement
+    ax.set_ylim(ax.get_ylim())
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    boxes = placed if placed is not None else []
+    radii = (*_RADII, *(_RADII[-1] + 20.0 * k for k in range(1, 60)))
+    out = []
+    for x, y, text, color in points:
+        if not text:
+            continue
+        ann = ax.annotate(
+            text, (x, y), textcoords="offset points", xytext=(0, 0), fontsize=fontsize, color=color
+        )
+        inside = outside = None
+        for radius in radii:
+            for cx, cy in _DIRECTIONS:
+                ann.set_horizontalalignment("left" if cx > 0 else "right" if cx < 0 else "center")
+                ann.set_verticalalignment("bottom" if cy > 0 else "top" if cy < 0 else "center")
+                ann.xyann = (cx * radius, cy * radius)
+                box = ann.get_window_extent(renderer)
+                if not _clear(box, boxes):
+                    continue
+                cand = (box, ann.xyann, ann.get_ha(), ann.get_va(), radius)
+                if _inside(box, frame):
+                    inside = cand
+                    break
+                outside = outside or cand
+            if inside is not None or (outside is not None and radius >= _RADII[-1]):
+                break
+        chosen = inside or outside
+        if chosen is None:  # the rings reach past every other label, so never in practice
+            raise RuntimeError(f"no free place for the label {text!r}")
+        box, offset, ha, va, radius = chosen
+        ann.set_horizontalalignment(ha)
+        ann.set_verticalalignment(va)
+        ann.xyann = offset
+        if radius > _RADII[0]:  # a leader line from the point to the label's nearest edge
+            px, py = ax.transData.transform((x, y))
+            ex, ey = min(max(px, box.x0), box.x1), min(max(py, box.y0), box.y1)
+            lx, ly = ax.transData.inverted().transform((ex, ey))
+            ax.plot([x, lx], [y, ly], color=color, linewidth=0.5, alpha=0.6, clip_on=False)
+        boxes.append(box)
+        out.append(ann)
+    return out
+
+
+def label_boxes(fig: Any) -> list[Any]:
+    """The display-space bounding boxes of every annotation in ``fig`` (drawn first).
+
+    A figure already closed by pyplot gets an Agg canvas again, so it can be drawn.
+
+    Args:
+        fig: a matplotlib figure.
+
+    Returns:
+        One box per annotation, panel by panel.
+    """
+    if not hasattr(fig.canvas, "get_renderer"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for ax in fig.axes for t in ax.texts]
 
 
 def frontier_series(
@@ -102,8 +224,9 @@ def plot_frontier(
     """Accuracy vs tokens/s, vs tokens/NFE and vs token-forwards per sample (the positions
     the forwards computed), a line per family × cache (× length).
 
-    Seeds are averaged. Each point is annotated with its parameter value. The lines are
-    [`frontier_series`][dlm_decode.ablate.plots.frontier_series].
+    Seeds are averaged. Each point is annotated with its parameter value, placed by
+    [`place_labels`][dlm_decode.ablate.plots.place_labels] so that no two labels overlap.
+    The lines are [`frontier_series`][dlm_decode.ablate.plots.frontier_series].
 
     Args:
         table: the summary rows of one task.
@@ -124,6 +247,7 @@ def plot_frontier(
     legend_h = 0.25 * -(-len(labels) // ncol) + 0.2  # inches
     height = 5.2 + legend_h
     fig, axes = plt.subplots(1, 3, figsize=(19, height))
+    labels_of: dict[Any, list[tuple[float, float, str, Any]]] = {ax: [] for ax in axes}
     for ax, xkey, xlabel in (
         (axes[0], "tokens_per_s", "throughput (response tokens / s)"),
         (axes[1], "tokens_per_nfe", "tokens per NFE (parallelism)"),
@@ -142,23 +266,18 @@ def plot_frontier(
                 markersize=7,
                 linewidth=1.8,
             )
-            for x, y, lab in pts:
-                if lab:
-                    ax.annotate(
-                        lab,
-                        (x, y),
-                        textcoords="offset points",
-                        xytext=(4, 5),
-                        fontsize=8,
-                        color=color,
-                    )
+            labels_of[ax] += [(x, y, lab, color) for x, y, lab in pts]
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy")
+        ax.margins(x=0.08, y=0.1)
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(title + "  (labels: policy parameter)", fontsize=12)
     fig.tight_layout(rect=(0, legend_h / height, 1, 1))
+    placed: list[Any] = []  # shared, so labels of neighbouring panels cannot collide either
+    for ax in axes:
+        place_labels(ax, labels_of[ax], placed=placed)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -282,6 +401,28 @@ def plot_commits_per_step(
     return path
 
 
+def profile_criterion(policy: Any, sorted_conf: torch.Tensor) -> ProfileCriterion | None:
+    """What ``policy`` declares it compares along a sorted profile, if anything.
+
+    Any policy may declare it with a ``criterion(sorted_conf)`` method returning a
+    [`ProfileCriterion`][dlm_decode.interfaces.ProfileCriterion]
+    ([`CountPolicy.criterion`][dlm_decode.interfaces.CountPolicy.criterion]; the built-in
+    ``threshold``, ``factor`` and ``frechet`` rules do).
+
+    Args:
+        policy: the traced policy (``None`` allowed).
+        sorted_conf: ``(L,)`` confidences sorted descending.
+
+    Returns:
+        The criterion, or ``None`` when the policy declares none.
+    """
+    fn = getattr(policy, "criterion", None)
+    if not callable(fn):
+        return None
+    crit = fn(sorted_conf)
+    return crit if isinstance(crit, ProfileCriterion) else None
+
+
 def plot_profiles(
     steps: Sequence[tuple[str, list[float], int]],
     policy: CommitPolicy | None,
@@ -290,11 +431,12 @@ def plot_profiles(
 ) -> Path:
     """Sorted confidence profiles, each with the traced policy's own criterion.
 
-    Every masked position of the step is drawn. A
-    [`CountPolicy`][dlm_decode.interfaces.CountPolicy] that declares a
-    [`criterion`][dlm_decode.interfaces.CountPolicy.criterion] gets its per-prefix values
-    and its bound (``threshold``: ``c(n)`` vs τ; ``factor``: ``(n+1)(1−c(n))`` vs f;
-    ``frechet``: ``G_n`` vs δ); other policies show the profile and the committed count.
+    Every masked position of the step is drawn (``n = 1 … masked count``). A policy that
+    declares a criterion (see
+    [`profile_criterion`][dlm_decode.ablate.plots.profile_criterion]) gets its per-prefix
+    values, filled where they pass the bound and hollow where they do not, and its bound
+    (``threshold``: ``c(n)`` vs τ; ``factor``: ``(n+1)(1−c(n))`` vs f; ``frechet``: ``G_n``
+    vs δ); other policies show the profile and the committed count only.
 
     Args:
         steps: ``(caption, sorted profile, committed count)`` per panel.
@@ -306,6 +448,8 @@ def plot_profiles(
         ``path``.
     """
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     k = len(steps)
     fig, axes = plt.subplots(1, k, figsize=(4.6 * k, 4.4), squeeze=False)
     for i, (caption, prof, committed) in enumerate(steps):
@@ -314,10 +458,25 @@ def plot_profiles(
         n = list(range(1, len(prof) + 1))
         ax.bar(n, prof, color="0.82", label="c(n) sorted confidence")
         lo, hi = 0.0, 1.05
-        crit = policy.criterion(c) if isinstance(policy, CountPolicy) else None
+        crit = profile_criterion(policy, c)
         if crit is not None:
-            vals = crit.values.tolist()
-            ax.plot(n, vals, "o-", color="tab:blue", label=crit.name)
+            vals = [float(v) for v in crit.values.reshape(-1).tolist()]
+            ok = [bool(v) for v in crit.passing().reshape(-1).tolist()]
+            ax.plot(n, vals, "-", color="tab:blue", linewidth=1.2)
+            ax.plot(
+                [m for m, p in zip(n, ok, strict=True) if p],
+                [v for v, p in zip(vals, ok, strict=True) if p],
+                "o",
+                color="tab:blue",
+                label=f"{crit.name} (filled: passes)",
+            )
+            ax.plot(
+                [m for m, p in zip(n, ok, strict=True) if not p],
+                [v for v, p in zip(vals, ok, strict=True) if not p],
+                "o",
+                color="tab:blue",
+                markerfacecolor="white",
+            )
             ax.axhline(
                 crit.bound,
                 color="tab:red",
@@ -328,6 +487,7 @@ def plot_profiles(
         ax.axvline(committed + 0.5, color="black", linestyle="--", linewidth=1, label="committed")
         ax.set_ylim(max(lo, -1.05), hi)
         ax.set_xlim(0.4, len(prof) + 0.6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("prefix size n")
         ax.set_title(caption, fontsize=10)
         ax.grid(alpha=0.3)

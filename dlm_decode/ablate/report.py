@@ -22,6 +22,7 @@ from dlm_decode.ablate.config import (
     resolve_setting,
 )
 from dlm_decode.ablate.counterfactual import commit_audit, counterfactual_trace
+from dlm_decode.ablate.paper import format_paper_report, paper_report
 from dlm_decode.ablate.plots import draw_all
 from dlm_decode.ablate.store import atomic_write_text, read_sweep_rows
 from dlm_decode.ablate.tracking import log_sweep
@@ -117,6 +118,10 @@ def build_table(
     """One summary dict per run with rows: accuracy, tokens/s, NFE per sample, tokens per
     NFE, and speed-up (tokens/s ratio) and NFE reduction (baseline NFE / run NFE) relative
     to the run's baseline.
+
+    A run's ``wall_s`` is the sum of its rows' shares of their batches' decode time
+    ([`row_latency_share`][dlm_decode.evaluate.row_latency_share]; rows written before
+    ``latency_share_s`` existed give ``latency_s``), and tokens/s divides by it.
 
     Args:
         cfg: the config (baseline selector).
@@ -416,6 +421,14 @@ def finish_sweep(
     print(md, flush=True)
     model_fn = _LazyModel(cfg, device)
     sections = [f"# Ablation `{cfg.name}`", "", cfg.description, "", md, ""]
+    if cfg.paper is not None:
+        entries = paper_report(cfg, runs, rows)
+        paper_md = format_paper_report(entries, cfg.paper.source, cfg.paper.baseline)
+        atomic_write_text(out / "paper.md", paper_md + "\n")
+        atomic_write_text(out / "paper.json", json.dumps(entries, indent=1) + "\n")
+        result.files.update(paper_md=out / "paper.md", paper_json=out / "paper.json")
+        sections += ["## Published figures beside ours", "", paper_md, ""]
+        print(paper_md, flush=True)
     extra: dict[str, Any] = {}
     if plots and cfg.plots.enabled and table:
         try:

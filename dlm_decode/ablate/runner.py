@@ -17,6 +17,7 @@ run's seed and the sample id, so its noise never depends on what else was in the
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -63,8 +64,10 @@ __all__ = [
     "check_sweep_inputs",
     "dist_info",
     "environment_info",
+    "plugin_distributions",
     "run_sweep",
     "sample_seed",
+    "used_components",
 ]
 
 
@@ -191,8 +194,100 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment_info(cfg: AblationConfig, device: str, world: int) -> dict[str, Any]:
-    """Versions, hardware and seeds of this invocation (``environment.json``)."""
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def plugin_distributions() -> list[dict[str, Any]]:
+    """Every plugin loaded in the registry, with the distribution that provides it.
+
+    One entry per plugin (its entry-point or module name, the registry's ``source``):
+    ``distribution`` and ``version`` (the built-ins report the ``dlm-decode``
+    distribution; a plugin module registered by name, e.g. a config's ``plugins``, the
+    distribution that installs its top-level package, or ``None`` when it is not
+    installed), ``builtin``, and ``provides``, the versioned keys it registered
+    (``policy frechet.v1``).
+
+    Returns:
+        The entries, sorted by source.
+    """
+    from dlm_decode.registry import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, get_registry
+
+    provides: dict[str, list[str]] = {}
+    for row in get_registry().listing():
+        provides.setdefault(row["source"], []).append(f"{row['kind']} {row['key']}")
+    try:
+        eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    except Exception:  # unreadable metadata: report what is known
+        eps = {}
+    try:
+        top_level = importlib.metadata.packages_distributions()
+    except Exception:
+        top_level = {}
+    out = []
+    for source in sorted(provides):
+        builtin = source in BUILTIN_PLUGINS
+        dist: str | None = None
+        version: str | None = None
+        if builtin:
+            dist = "dlm-decode"
+            version = _dist_version(dist) or dlm_decode.__version__
+        elif source in eps and getattr(eps[source], "dist", None) is not None:
+            dist, version = eps[source].dist.name, eps[source].dist.version
+        else:
+            names = top_level.get(source.split(".")[0], [])
+            if names:
+                dist = names[0]
+                version = _dist_version(dist)
+        out.append(
+            {
+                "source": source,
+                "distribution": dist,
+                "version": version,
+                "builtin": builtin,
+                "provides": sorted(provides[source]),
+            }
+        )
+    return out
+
+
+def used_components(runs: Sequence[RunSpec]) -> dict[str, list[str]]:
+    """The resolved versioned keys of the policies and caches the runs use.
+
+    Args:
+        runs: the runs of the grid.
+
+    Returns:
+        ``{"policies": ["frechet.v1", …], "caches": ["dual.v1", …]}``, each sorted.
+    """
+    return {
+        "policies": sorted({r.policy_key for r in runs}),
+        "caches": sorted({r.cache_key for r in runs}),
+    }
+
+
+def environment_info(
+    cfg: AblationConfig, device: str, world: int, runs: Sequence[RunSpec] | None = None
+) -> dict[str, Any]:
+    """Versions, hardware, seeds, plugins and components of this invocation
+    (``environment.json``).
+
+    Args:
+        cfg: the config (seeds).
+        device: the resolved device.
+        world: number of processes.
+        runs: the runs of the grid (default: expanded from ``cfg``), for the policy and
+            cache keys.
+
+    Returns:
+        The JSON-ready dict; ``plugins`` lists every loaded plugin with its distribution
+        and version (see [`plugin_distributions`][dlm_decode.ablate.runner.plugin_distributions]),
+        ``components`` the versioned policy and cache keys (see
+        [`used_components`][dlm_decode.ablate.runner.used_components]).
+    """
 
     def version(mod: str) -> str | None:
         try:
@@ -221,6 +316,8 @@ def environment_info(cfg: AblationConfig, device: str, world: int) -> dict[str, 
         "world_size": world,
         "seeds": list(cfg.seeds),
         "torch_threads": torch.get_num_threads(),
+        "plugins": plugin_distributions(),
+        "components": used_components(runs if runs is not None else expand_runs(cfg)),
     }
 
 
@@ -232,6 +329,12 @@ def decode_batch(
     rank: int,
 ) -> list[dict[str, Any]]:
     """Decode and score one batch of ``(sample_index, Sample)``; returns their rows.
+
+    The rows decoded together by one ``generate`` call (the whole batch when greedy, each
+    sample alone when sampled) share their timing: ``batch_latency_s`` is that call's wall
+    time, ``batch_rows`` how many rows it decoded and ``latency_share_s`` the one divided
+    by the other (the row's share, not its own latency; see
+    [`row_latency_share`][dlm_decode.evaluate.row_latency_share]).
 
     Args:
         model: the model.
@@ -392,7 +495,7 @@ def _run_locked(
         atomic_write_text(out / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
         atomic_write_text(
             out / "environment.json",
-            json.dumps(environment_info(cfg, dev, world), indent=2) + "\n",
+            json.dumps(environment_info(cfg, dev, world, runs), indent=2) + "\n",
         )
     if world == 1:
         # Rank files left by an interrupted multi-process run: the exclusive folder lock

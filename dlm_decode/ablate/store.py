@@ -40,6 +40,7 @@ __all__ = [
 MERGED = "rows.jsonl"
 
 
+#: Row fields measured on the wall clock (they differ between otherwise identical sweeps):
 def rank_file(folder: Path, rank: int, world: int) -> Path:
     """The file rank ``rank`` appends to: ``rows.jsonl`` alone, ``rows.rank{r}.jsonl`` in a
     multi-process sweep."""

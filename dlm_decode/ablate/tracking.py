@@ -7,7 +7,10 @@ holds the summary table and the plots.
 
 Logging happens after the rows are complete and is computed from them, so a sweep that was
 killed and resumed logs exactly what an uninterrupted one logs. Runs already logged are
-listed in ``wandb_logged.json`` in the sweep folder and are not logged twice.
+listed in ``wandb_logged.json`` in the sweep folder and are not logged twice. The plots
+logged are listed in ``wandb_plots.json`` with a digest of each PNG: a rerun that redraws a
+plot differently (a plot setting changed, or rows were added) logs a new summary run with
+the table and every plot, and a rerun that changes nothing logs nothing.
 
 Mode: ``wandb.mode`` from the config; else ``WANDB_MODE`` when set; else online when an
 API key is configured (``WANDB_API_KEY`` or a ``wandb login``), otherwise offline.
@@ -16,6 +19,7 @@ API key is configured (``WANDB_API_KEY`` or a ``wandb login``), otherwise offlin
 from __future__ import annotations
 
 import configparser
+import hashlib
 import json
 import math
 import netrc
@@ -28,8 +32,10 @@ from urllib.parse import urlsplit
 
 from dlm_decode.ablate.config import AblationConfig, RunSpec
 from dlm_decode.ablate.store import atomic_write_text
+from dlm_decode.evaluate import row_latency_share
 
 __all__ = [
+    "PLOTS_MARKER",
     "SUMMARY_KEYS",
     "WandbMissingError",
     "WandbUnreachableError",
@@ -38,6 +44,7 @@ __all__ = [
     "effective_mode",
     "import_wandb",
     "log_sweep",
+    "plot_digests",
     "resolve_mode",
     "sample_metrics",
 ]
@@ -54,6 +61,26 @@ SUMMARY_KEYS = (
     "nfe_reduction",
     "wall_s",
 )
+
+
+#: The sweep folder's record of the plots logged to W&B: plot name → SHA-256 of its PNG.
+PLOTS_MARKER = "wandb_plots.json"
+
+
+def plot_digests(files: dict[str, Path]) -> dict[str, str]:
+    """SHA-256 of every PNG among ``files`` that exists (``name → hex digest``).
+
+    Args:
+        files: name → path of the files a sweep wrote.
+
+    Returns:
+        The digests of the plots, by name.
+    """
+    return {
+        name: hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        for name, p in files.items()
+        if str(p).endswith(".png") and Path(p).is_file()
+    }
 
 
 class WandbMissingError(ImportError, ValueError):
@@ -183,7 +210,18 @@ def import_wandb() -> Any:
 
 
 def sample_metrics(row: dict[str, Any]) -> dict[str, float]:
-    """The per-sample metrics logged at each history step (``sample/*``)."""
+    """The per-sample metrics logged at each history step (``sample/*``).
+
+    ``sample/latency_share_s`` is the row's share of its batch's decode time (the same for
+    every row of a batch), ``sample/batch_latency_s`` the batch's wall time (absent for
+    rows written before it was recorded).
+
+    Args:
+        row: a sweep row.
+
+    Returns:
+        Metric name → value.
+    """
     nfe = row["nfe"]
     return {
         "sample/index": int(row["sample_index"]),
@@ -192,7 +230,12 @@ def sample_metrics(row: dict[str, Any]) -> dict[str, float]:
         "sample/response_tokens": int(row["response_tokens"]),
         "sample/tokens_per_nfe": row["response_tokens"] / nfe if nfe else 0.0,
         "sample/token_forwards": int(row.get("token_forwards", 0)),
-        "sample/latency_s": float(row["latency_s"]),
+        "sample/latency_share_s": row_latency_share(row),
+        **(
+            {"sample/batch_latency_s": float(row["batch_latency_s"])}
+            if row.get("batch_latency_s") is not None
+            else {}
+        ),
     }
 
 
@@ -215,6 +258,11 @@ def log_sweep(
 ) -> list[str]:
     """Log every run (and a summary run) to W&B.
 
+    A run already listed in ``wandb_logged.json`` is not logged again. The summary run
+    (table, plots, ``extra``) is logged when a run was, or when a plot differs from the one
+    last logged (its digest in ``wandb_plots.json``): a plot redrawn after a plot setting
+    changed reaches W&B even though no run is new.
+
     Args:
         cfg: the config.
         out: the sweep folder.
@@ -232,6 +280,15 @@ def log_sweep(
     mode = resolve_mode(cfg.wandb.mode)
     marker = out / "wandb_logged.json"
     logged: list[str] = json.loads(marker.read_text()) if marker.exists() else []
+    plots_marker = out / PLOTS_MARKER
+    logged_plots: dict[str, str] = {}
+    if plots_marker.exists():
+        try:
+            logged_plots = dict(json.loads(plots_marker.read_text()))
+        except (ValueError, TypeError):  # unreadable: log every plot again
+            logged_plots = {}
+    digests = plot_digests(files)
+    redrawn = sorted(name for name, d in digests.items() if logged_plots.get(name) != d)
     group = cfg.wandb.group or cfg.name
     by_run: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -285,7 +342,7 @@ def log_sweep(
         logged.append(run.run_id)
         new.append(run.run_id)
         atomic_write_text(marker, json.dumps(logged) + "\n")
-    if new:
+    if new or redrawn:
         wr = init(
             f"{cfg.name}/summary",
             {"sweep": cfg.name, "config": cfg.model_dump(mode="json")},
@@ -303,14 +360,18 @@ def log_sweep(
             ],
         )
         payload: dict[str, Any] = {"summary_table": wt}
-        for name, p in files.items():
-            if str(p).endswith(".png") and Path(p).exists():
-                payload[f"plots/{name}"] = wandb.Image(str(p))
+        for name in digests:
+            payload[f"plots/{name}"] = wandb.Image(str(files[name]))
         wr.log(payload)
         for k, v in extra.items():
             wr.summary[k] = json.loads(json.dumps(v, default=str))
+        wr.summary["plots/redrawn"] = redrawn
         wr.finish()
-        say(
-            f"W&B: logged {len(new)} runs (mode {mode or os.environ.get('WANDB_MODE') or 'online'})"
+        atomic_write_text(
+            plots_marker, json.dumps({**logged_plots, **digests}, indent=2, sort_keys=True) + "\n"
         )
+        shown = mode or os.environ.get("WANDB_MODE") or "online"
+        again = [name for name in redrawn if name in logged_plots]
+        plots_note = f"; redrawn plots logged again: {', '.join(again)}" if again else ""
+        say(f"W&B: logged {len(new)} runs (mode {shown}){plots_note}")
     return new

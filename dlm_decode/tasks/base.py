@@ -39,6 +39,9 @@ class Task(ABC):
     version: ClassVar[int] = 1
     #: Whether prompts go through the model's chat template by default.
     chat: ClassVar[bool] = True
+    #: Where an answer ends (lm-eval's ``until``): the reference accounting counts the
+    #: tokens of the completion cut at the first of these, re-tokenized.
+    stop: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def samples(self, limit: int | None = None) -> list[Sample]:
