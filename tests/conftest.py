@@ -23,3 +23,17 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=(pytest.mark.requires_cuda, requires_cuda), id="cuda"),
 ]
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a model loads: every command under test must refuse its input
+    (or resolve its options) before that."""
+    from dlm_decode import cli
+    from dlm_decode.models import loading
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("the model must not load for a bad input")
+
+    monkeypatch.setattr(cli, "load_model", boom)
+    monkeypatch.setattr(loading, "load_model", boom)

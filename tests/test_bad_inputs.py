@@ -49,17 +49,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a model loads: every row must be refused before that."""
-
-    def boom(*a: Any, **k: Any) -> None:
-        raise AssertionError("the model must not load for a bad input")
-
-    monkeypatch.setattr(cli, "load_model", boom)
-    monkeypatch.setattr(loading, "load_model", boom)
-
-
 def _gsm(tmp: Path, records: list[Any], name: str = "test.jsonl") -> str:
     path = tmp / name
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -67,6 +56,12 @@ def _gsm(tmp: Path, records: list[Any], name: str = "test.jsonl") -> str:
 
 
 GOOD = {"question": "1+1?", "answer": "#### 2"}
+
+
+def _gsm_eval(data: str | Path, *more: str) -> list[str]:
+    """``eval --task gsm8k --shots 0 --data DATA …``."""
+    return ["eval", "--task", "gsm8k", "--shots", "0", "--data", str(data), *more]
+
 
 # (id, argv builder(tmp) → argv, message fragment)
 CLI_ROWS: list[tuple[str, Callable[[Path], list[str]], str]] = [
@@ -97,84 +92,32 @@ CLI_ROWS: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ),
     (
         "record-2-missing-field",
-        lambda t: [
-            "eval",
-            "--task",
-            "gsm8k",
-            "--shots",
-            "0",
-            "--data",
-            _gsm(t, [GOOD, {"question": "q"}]),
-        ],
+        lambda t: _gsm_eval(_gsm(t, [GOOD, {"question": "q"}])),
         "record 1 lacks the required field 'answer'",
     ),
     (
         "record-3-wrong-type",
-        lambda t: [
-            "eval",
-            "--task",
-            "gsm8k",
-            "--shots",
-            "0",
-            "--data",
-            _gsm(t, [GOOD, GOOD, {"question": "q", "answer": 4}]),
-        ],
+        lambda t: _gsm_eval(_gsm(t, [GOOD, GOOD, {"question": "q", "answer": 4}])),
         "record 2: field 'answer' must be a string, got int",
     ),
     (
         "record-lone-surrogate",
-        lambda t: [
-            "eval",
-            "--task",
-            "gsm8k",
-            "--shots",
-            "0",
-            "--data",
-            _gsm(t, [GOOD, {"question": "q \ud800", "answer": "#### 1"}]),
-        ],
+        lambda t: _gsm_eval(_gsm(t, [GOOD, {"question": "q \ud800", "answer": "#### 1"}])),
         "lone surrogate",
     ),
     (
         "deeply-nested-json",
-        lambda t: [
-            "eval",
-            "--task",
-            "gsm8k",
-            "--shots",
-            "0",
-            "--data",
-            str(_write(t / "deep.json", "[" * 100_000 + "]" * 100_000)),
-        ],
+        lambda t: _gsm_eval(str(_write(t / "deep.json", "[" * 100_000 + "]" * 100_000))),
         "nests JSON too deeply",
     ),
     (
         "output-is-data",
-        lambda t: [
-            "eval",
-            "--task",
-            "gsm8k",
-            "--shots",
-            "0",
-            "--data",
-            _gsm(t, [GOOD]),
-            "--output",
-            str(t / "test.jsonl"),
-        ],
+        lambda t: _gsm_eval(_gsm(t, [GOOD]), "--output", str(t / "test.jsonl")),
         "is the --data file",
     ),
     (
         "output-is-a-data-folder-file",
-        lambda t: [
-            "eval",
-            "--task",
-            "gsm8k",
-            "--shots",
-            "0",
-            "--data",
-            str(Path(_gsm(t, [GOOD])).parent),
-            "--output",
-            str(t / "test.jsonl"),
-        ],
+        lambda t: _gsm_eval(Path(_gsm(t, [GOOD])).parent, "--output", str(t / "test.jsonl")),
         "is the --data file",
     ),
     (

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import types
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from plugin_support import TaggedDual
 
 from dlm_decode import cli
 from dlm_decode.hookspecs import hookimpl
-from dlm_decode.models import loading
 from dlm_decode.registry import reset_registry
 
 
@@ -29,15 +27,6 @@ def tagged() -> Iterator[None]:
     reset_registry([("tagged_plugin", plugin)])
     yield
     reset_registry([])
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(*a: Any, **k: Any) -> None:
-        raise AssertionError("the model must not load for invalid options")
-
-    monkeypatch.setattr(cli, "load_model", boom)
-    monkeypatch.setattr(loading, "load_model", boom)
 
 
 @pytest.mark.parametrize(
