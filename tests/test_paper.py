@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from dlm_decode import cli
-from dlm_decode.ablate.config import expand_runs, load_config, validate_config
-from dlm_decode.ablate.paper import PaperRow, format_paper_report, match_run
+from dlm_decode.ablate.config import PaperRow, expand_runs, load_config, match_run, validate_config
+from dlm_decode.ablate.paper import format_paper_report
 from dlm_decode.models.testing import write_char_tokenizer, write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

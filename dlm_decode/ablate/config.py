@@ -41,7 +41,6 @@ from pydantic import (
     model_validator,
 )
 
-from dlm_decode.ablate.paper import PaperSpec, unmatched_paper_rows
 from dlm_decode.config import CacheRef, DecodeConfig, PolicyRef
 from dlm_decode.evaluate import check_task_options
 from dlm_decode.registry import (
@@ -374,6 +373,67 @@ class PlotSpec(_Strict):
     profile_steps: int = Field(3, ge=1, le=8)
 
 
+class PaperRow(_Strict):
+    """One published row.
+
+    Attributes:
+        table: where it is published (``Table 1``, ``Figure 2``).
+        task: the task name (``gsm8k``, ``math``, ``humaneval``, ``mbpp``).
+        shots: the task's shots (``None`` matches any).
+        gen_length: tokens generated.
+        cache: the cache name (``none``, ``prefix``, ``dual``).
+        policy: the policy's bare name (``threshold``, ``factor``, ``frechet``).
+        args: policy arguments the run must have (e.g. ``{factor: 1.0}``); empty matches
+            the policy at any arguments.
+        accuracy: accuracy in percent, as published.
+        tokens_per_s: throughput, as published.
+        total_nfe: total NFE over the task, as published.
+        tokens_per_nfe: tokens per NFE, as published.
+    """
+
+    table: str
+    task: str
+    shots: int | None = None
+    gen_length: int = Field(ge=1)
+    cache: str
+    policy: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    accuracy: float | None = None
+    tokens_per_s: float | None = None
+    total_nfe: int | None = None
+    tokens_per_nfe: float | None = None
+
+
+class PaperSpec(_Strict):
+    """The ``paper:`` section of a sweep config.
+
+    Attributes:
+        source: the paper (and version) the figures come from.
+        baseline: the policy the paper's ratios are relative to (``threshold``).
+        rows: the published rows this config reproduces.
+    """
+
+    source: str
+    baseline: str = "threshold"
+    rows: list[PaperRow] = Field(min_length=1)
+
+
+def _bare(policy_key: str) -> str:
+    return policy_key.split(".v")[0]
+
+
+def _args_match(want: dict[str, Any], have: dict[str, Any]) -> bool:
+    return all(
+        k in have
+        and (have[k] == v or (_is_num(v) and _is_num(have[k]) and math.isclose(v, have[k])))
+        for k, v in want.items()
+    )
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class AblationConfig(_Strict):
     """An ablation sweep (the YAML file).
 
@@ -397,7 +457,7 @@ class AblationConfig(_Strict):
         wandb: W&B options.
         plots: plot options.
         paper: published figures this sweep reproduces (see
-            [`PaperSpec`][dlm_decode.ablate.paper.PaperSpec]); the report ``paper.md``
+            [`PaperSpec`][dlm_decode.ablate.config.PaperSpec]); the report ``paper.md``
             puts ours beside them.
     """
 
@@ -995,3 +1055,52 @@ def baseline_matches(sel: BaselineSpec, policy_key: str, policy: str, args: dict
         elif v != a:
             return False
     return True
+
+
+def match_run(
+    cfg: AblationConfig,
+    runs: Sequence[RunSpec],
+    row: PaperRow,
+    policy: str | None = None,
+    args: dict[str, Any] | None = None,
+) -> RunSpec | None:
+    """The first run reproducing ``row``: same task, shots (when the row gives them),
+    generation length, cache name and policy, with the row's policy arguments.
+
+    Args:
+        cfg: the config (tasks' shots).
+        runs: the sweep's runs.
+        row: the published row.
+        policy: match this policy instead of the row's (its baseline).
+        args: with these arguments instead of the row's.
+
+    Returns:
+        The run, or ``None``.
+    """
+    policy = row.policy if policy is None else policy
+    args = row.args if args is None else args
+    for run in runs:
+        if (
+            run.task == row.task
+            and (row.shots is None or cfg.tasks[run.task_index].shots == row.shots)
+            and run.gen_length == row.gen_length
+            and run.cache_ref.name.split(".v")[0] == row.cache
+            and _bare(run.policy_key) == policy
+            and _args_match(args, run.policy_args)
+        ):
+            return run
+    return None
+
+
+def unmatched_paper_rows(cfg: AblationConfig, runs: Sequence[RunSpec]) -> list[str]:
+    """Problems (``"paper.rows[i]: …"``) for published rows no run of the sweep
+    reproduces, so a dry run catches a config that cannot fill its own report."""
+    if cfg.paper is None:
+        return []
+    return [
+        f"paper.rows[{i}]: no run matches task {row.task}, shots {row.shots}, gen_length "
+        f"{row.gen_length}, cache {row.cache}, policy {row.policy} {row.args or ''}".rstrip()
+        + "; add it to the sweep or drop the row"
+        for i, row in enumerate(cfg.paper.rows)
+        if match_run(cfg, runs, row) is None
+    ]

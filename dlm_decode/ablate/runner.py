@@ -56,6 +56,7 @@ from dlm_decode.ablate.tracking import check_wandb
 from dlm_decode.decoder import Decoder
 from dlm_decode.evaluate import decode_and_score, get_task
 from dlm_decode.models.loading import load_model, resolve_device
+from dlm_decode.registry import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, get_registry
 from dlm_decode.tasks.base import check_limit, load_samples
 
 __all__ = [
@@ -214,8 +215,6 @@ def plugin_distributions() -> list[dict[str, Any]]:
     Returns:
         The entries, sorted by source.
     """
-    from dlm_decode.registry import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, get_registry
-
     provides: dict[str, list[str]] = {}
     for row in get_registry().listing():
         provides.setdefault(row["source"], []).append(f"{row['kind']} {row['key']}")
