@@ -4,18 +4,22 @@ plugin.
 * [`dlm_decode.caches.fastdllm`][dlm_decode.caches.fastdllm]: ``none``, ``prefix`` and
   ``dual`` (Fast-dLLM), with ``refresh_every``;
 * [`dlm_decode.caches.refresh`][dlm_decode.caches.refresh]: ``vicinity`` (dInfer), ``dkv``
-  (dKV-Cache) and ``drift`` (hidden-state drift), on cache contract v2.
+  (dKV-Cache) and ``drift`` (hidden-state drift), on cache contract v2;
+* [`dlm_decode.caches.block`][dlm_decode.caches.block]: ``block``, the exact cache of
+  block-causal models (SDAR, Fast-dLLM v2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from dlm_decode.caches.block import BlockCache
 from dlm_decode.caches.fastdllm import DualCache, NoCache, PrefixCache
 from dlm_decode.caches.refresh import DKVCache, DriftCache, VicinityCache
 from dlm_decode.hookspecs import hookimpl
 
 __all__ = [
+    "BlockCache",
     "DKVCache",
     "DriftCache",
     "DualCache",
@@ -25,7 +29,15 @@ __all__ = [
     "register_caches",
 ]
 
-BUILTIN_CACHES = (NoCache, PrefixCache, DualCache, VicinityCache, DKVCache, DriftCache)
+BUILTIN_CACHES = (
+    NoCache,
+    PrefixCache,
+    DualCache,
+    VicinityCache,
+    DKVCache,
+    DriftCache,
+    BlockCache,
+)
 """The built-in caches, in registration order."""
 
 

@@ -36,6 +36,7 @@ from dlm_decode.models.loading import load_model, resolve_device
 from dlm_decode.registry import PluginLoadWarning, UnknownPluginError
 from dlm_decode.settings import Resolved, resolve
 from dlm_decode.tasks.base import load_samples
+from dlm_decode.trace_view import LiveView, TokenText, ansi_enabled, check_writable, format_step
 
 __all__ = ["QUICKSTART_POLICIES", "CLIError", "build_parser", "decode_settings", "main"]
 
@@ -164,25 +165,32 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate from one prompt and print text, NFE and tokens/s."""
-    settings = decode_settings(args, trace=args.trace)
+    """Generate from one prompt and print text, NFE and tokens/s (``--trace``: each
+    step's canvas; ``--live``: the response redrawn as it decodes; ``--html``: the trace
+    viewer page)."""
+    html = check_writable(args.html, "--html") if args.html else None  # before any work
+    settings = decode_settings(args, trace=args.trace or html is not None)
     model = _load(args)
     chat = None if args.chat == "auto" else args.chat == "yes"
     ids = encode_prompts(model, [args.prompt], chat=chat)
-    res = Decoder(model, settings.config).generate(ids)
+    text_of = TokenText(model.tokenizer, model.eos_token_ids)
+    cfg = settings.config
+    live = LiveView(sys.stdout, cfg.gen_length, cfg.block_length, text_of) if args.live else None
+    try:
+        res = Decoder(model, cfg).generate(ids, on_step=live)
+    finally:
+        if live is not None:
+            live.close()
     text = res.texts(model.tokenizer)[0]
     n_tok = int(res.response_lengths()[0])
     secs = res.timings["total_s"]
     if args.trace and res.trace:
-        tok = model.tokenizer
+        color = ansi_enabled(sys.stdout)
         for st in res.trace:
-            words = tok.convert_ids_to_tokens(st.tokens[0]) if st.tokens[0] else []
-            prof = " ".join(f"{c:.2f}" for c in st.profiles[0][:8])
-            more = " …" if len(st.profiles[0]) > 8 else ""
-            print(
-                f"block {st.block:>2} step {st.step:>2}: commit {st.committed[0]:>2} "
-                f"at {st.positions[0]} {words}  profile [{prof}{more}]"
-            )
+            print("\n".join(format_step(st, text_of, color=color)))
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(res.trace.to_html(model.tokenizer), encoding="utf-8")
     print(text)
     print(
         f"-- {n_tok} tokens, NFE {res.nfe}, {res.token_forwards} token-forwards, "
@@ -190,6 +198,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{_settings_line(settings)}",
         file=sys.stderr,
     )
+    if html is not None:
+        print(f"-- trace viewer: {html}", file=sys.stderr)
     return 0
 
 
@@ -424,7 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("generate", help="generate from one prompt")
     _add_model_args(sp)
     _add_decode_args(sp, gen=64, block=16)
-    sp.add_argument("--trace", action="store_true", help="show what each step committed")
+    sp.add_argument(
+        "--trace",
+        action="store_true",
+        help="print each step's block canvas: tokens, _ for masks, the step's commits marked",
+    )
+    sp.add_argument(
+        "--live", action="store_true", help="redraw the response in the terminal as it decodes"
+    )
+    sp.add_argument(
+        "--html",
+        default=None,
+        metavar="PATH",
+        help="write the trace viewer (one self-contained HTML file) here; implies tracing",
+    )
     sp.add_argument("--chat", choices=["auto", "yes", "no"], default="auto")
     sp.add_argument("prompt")
     sp.set_defaults(func=cmd_generate)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import torch
@@ -28,12 +29,21 @@ from dlm_decode.interfaces import (
     CacheStep,
     ForwardCounter,
     Model,
+    MultimodalPrompt,
     StepState,
     positions_from_mask,
 )
 from dlm_decode.models.memory import check_memory
 from dlm_decode.settings import CacheLike, PolicyLike, resolve
-from dlm_decode.signals import Decision, History, SignalSpec, compute_signals, parse_needs
+from dlm_decode.signals import (
+    Decision,
+    History,
+    SignalSpec,
+    StepSignals,
+    compute_signals,
+    parse_needs,
+)
+from dlm_decode.trace_view import Trace
 
 __all__ = [
     "FLAGS",
@@ -68,27 +78,92 @@ class NonFiniteLogitsError(RuntimeError):
 
 @dataclass
 class TraceStep:
-    """One denoising step of a traced decode (host-side copies).
+    """One denoising step of a traced decode (host-side copies), position by position.
+
+    The per-position fields hold one list per row, with one entry per position of the
+    active block (``L = block_length`` entries, the block's first position first). The
+    per-row summaries that earlier versions stored (``profiles``, ``committed``,
+    ``positions``, ``tokens``, ``edited``, ``remasked``) are derived from them.
 
     Attributes:
         block: block index.
         step: step index within the block.
-        profiles: per row, the sorted confidences of the masked positions before the commit.
-        committed: per row, how many positions were committed.
-        positions: per row, the absolute positions committed.
-        tokens: per row, the token ids committed there.
-        edited: per row, the absolute positions whose token was edited.
-        remasked: per row, the absolute positions turned back into the mask.
+        block_start: absolute position of the block's first position.
+        before: per row and position, the token id before the step, ``None`` where masked.
+        after: per row and position, the token id after the step (``None`` where masked),
+            early stop's EOS fill included.
+        proposals: per row and position, the proposal ``x0`` (the argmax, or the sampled
+            token at ``temperature > 0``).
+        confidences: per row and position, ``p(x0)``.
+        actions: per row and position, what the step did there: ``"commit"`` (a masked
+            position filled), ``"edit"`` (a committed token changed), ``"remask"`` (a
+            committed token turned back into the mask), ``"fill"`` (written by early
+            stop: the EOS fill after a row's first EOS) or ``"none"``.
+        written: per row and position, the token the decision wrote at ``commit`` and
+            ``edit`` positions (``None`` elsewhere).
+        signals: the extra signals the policy declared (``current``, ``entropy``,
+            ``top2``, ``uniform``: a float per position; ``topk``: ``[id, p]`` pairs per
+            position), by name, per row; empty when it declared none.
+        active: per row, whether the row took part in the step.
+        criteria: per row, what the policy compares along the sorted profile (its
+            [`ProfileCriterion`][dlm_decode.interfaces.ProfileCriterion] as a dict:
+            ``name``, ``values``, ``bound``, ``bound_name``, ``passes``), or ``None``
+            where the policy declares none.
     """
 
     block: int
     step: int
-    profiles: list[list[float]]
-    committed: list[int]
-    positions: list[list[int]]
-    tokens: list[list[int]]
-    edited: list[list[int]] = field(default_factory=list)
-    remasked: list[list[int]] = field(default_factory=list)
+    block_start: int
+    before: list[list[int | None]]
+    after: list[list[int | None]]
+    proposals: list[list[int]]
+    confidences: list[list[float]]
+    actions: list[list[str]]
+    written: list[list[int | None]]
+    signals: dict[str, list[list[Any]]] = field(default_factory=dict)
+    active: list[bool] = field(default_factory=list)
+    criteria: list[dict[str, Any] | None] = field(default_factory=list)
+
+    def _where(self, action: str) -> list[list[int]]:
+        """Per row, the block offsets where the step did ``action``."""
+        return [[i for i, a in enumerate(row) if a == action] for row in self.actions]
+
+    @cached_property
+    def profiles(self) -> list[list[float]]:
+        """Per row, the sorted confidences (descending) of the positions masked before
+        the step."""
+        return [
+            sorted((c for c, b in zip(conf, before, strict=True) if b is None), reverse=True)
+            for conf, before in zip(self.confidences, self.before, strict=True)
+        ]
+
+    @property
+    def committed(self) -> list[int]:
+        """Per row, how many positions were committed."""
+        return [len(r) for r in self._where("commit")]
+
+    @property
+    def positions(self) -> list[list[int]]:
+        """Per row, the absolute positions committed (ascending)."""
+        return [[self.block_start + i for i in r] for r in self._where("commit")]
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        """Per row, the token ids committed at ``positions``."""
+        return [
+            [int(w[i] or 0) for i in r]
+            for w, r in zip(self.written, self._where("commit"), strict=True)
+        ]
+
+    @property
+    def edited(self) -> list[list[int]]:
+        """Per row, the absolute positions whose token was edited."""
+        return [[self.block_start + i for i in r] for r in self._where("edit")]
+
+    @property
+    def remasked(self) -> list[list[int]]:
+        """Per row, the absolute positions turned back into the mask."""
+        return [[self.block_start + i for i in r] for r in self._where("remask")]
 
 
 @dataclass
@@ -409,6 +484,55 @@ def _early_stop(x: torch.Tensor, prompt_length: int, mask_id: int, eos: torch.Te
     gen.copy_(torch.where(fill, eos_tok, gen))
 
 
+def _prompt_input(
+    model: Model, prompts: Any, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Padded prompt ids, their key mask and, for prompts with images, the embeddings the
+    model made of them (once, before the first forward).
+
+    Args:
+        model: the model (its pad id, its
+            [`embed_prompt`][dlm_decode.interfaces.Model.embed_prompt]).
+        prompts: token ids (see [`pad_prompts`][dlm_decode.decoder.pad_prompts]) or a list
+            of [`MultimodalPrompt`][dlm_decode.interfaces.MultimodalPrompt].
+        attention_mask: ``(B, P)`` mask of already padded ids.
+
+    Returns:
+        ``ids`` ``(B, P)``, the mask ``(B, P)`` (or ``None``), and ``embeds`` ``(B, P, d)``
+        (``None`` when no prompt has an image).
+    """
+    multi = (
+        not isinstance(prompts, (torch.Tensor, str, bytes))
+        and isinstance(prompts, Sequence)
+        and any(isinstance(p, MultimodalPrompt) for p in prompts)
+    )
+    if not multi:
+        return (*pad_prompts(prompts, model.pad_token_id, attention_mask), None)
+    if attention_mask is not None:
+        raise ValueError("attention_mask is for padded token ids; MultimodalPrompt rows are not")
+    rows = [p if isinstance(p, MultimodalPrompt) else MultimodalPrompt(list(p)) for p in prompts]
+    if not any(r.images for r in rows):  # text only: plain token ids
+        return (*pad_prompts([list(r.ids) for r in rows], model.pad_token_id), None)
+    out = model.embed_prompt(rows)
+    return out.ids.long(), out.attention_mask, out.embeds
+
+
+def _attach_prompt_embeds(run: DecodeRun, embeds: torch.Tensor | None) -> None:
+    """Hand a multimodal prompt's embeddings to the cache context's model view (in place
+    when reused buffers already hold ones of that shape, so captured graphs stay valid)."""
+    counter = run.ctx.model
+    if not hasattr(counter, "prompt_embeds"):
+        return
+    dev = run.x.device
+    old = counter.prompt_embeds
+    if embeds is None:
+        counter.prompt_embeds = None
+    elif old is not None and old.shape == embeds.shape and old.dtype == embeds.dtype:
+        old.copy_(embeds)
+    else:
+        counter.prompt_embeds = embeds.to(dev)
+
+
 class Decoder:
     """A resolved decode: model + cache + policy objects, reusable across prompts.
 
@@ -469,6 +593,39 @@ class Decoder:
         self.step_budget = self.config.max_steps_per_block or self.policy.step_budget(
             self.config.block_length
         )
+        grid = getattr(model, "attention", None)
+        size = getattr(grid, "block_size", None)
+        if size is not None and self.config.block_length % size:
+            raise ValueError(
+                f"block_length={self.config.block_length} is not a multiple of the block size "
+                f"{size} of the block-causal model {type(model).__name__}; use block_length="
+                f"{max(1, self.config.block_length // size) * size}"
+            )
+
+    def block_layout(self, prompt_length: int) -> tuple[int, int, int]:
+        """Where the decode's blocks lie for a padded prompt of ``prompt_length``.
+
+        Full attention: ``num_blocks`` blocks of ``block_length`` right after the prompt.
+        Block-causal model (block size ``m``): blocks aligned to the model's grid, as
+        SDAR's ``block_diffusion_generate`` does: the first starts at the attention block
+        holding the prompt's end (``⌊P / m⌋ · m``), so a partial last prompt block is
+        decoded together with the first generated positions (its prompt tokens stay
+        fixed), and the last block ends on the grid; the buffer may hold up to
+        ``block_length − 1`` positions past ``P + gen_length``, which the result drops.
+
+        Args:
+            prompt_length: ``P``.
+
+        Returns:
+            ``(first_start, num_blocks, total_length)``.
+        """
+        cfg = self.config
+        grid = getattr(self.model, "attention", None)
+        if grid is None or grid.block_size is None:
+            return prompt_length, cfg.num_blocks, prompt_length + cfg.gen_length
+        first = grid.block_grid_start(prompt_length)
+        n = -(-(prompt_length + cfg.gen_length - first) // cfg.block_length)
+        return first, n, first + n * cfg.block_length
 
     # -- the loop's stages (FastDecoder overrides these, not the loop) ---------------
     def _begin(self, ids: torch.Tensor, am: torch.Tensor | None) -> DecodeRun:
@@ -476,7 +633,7 @@ class Decoder:
         the block history and the policy's tensors."""
         cfg, model = self.config, self.model
         bsz, p = ids.shape
-        total = p + cfg.gen_length
+        total = self.block_layout(p)[2]
         dev = model.device
         x = torch.full((bsz, total), model.mask_token_id, dtype=torch.long, device=dev)
         x[:, :p] = ids.to(dev)  # (B, T)
@@ -678,23 +835,31 @@ class Decoder:
         self,
         prompt_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        *,
+        on_step: Callable[[TraceStep], None] | None = None,
     ) -> GenerationResult:
         """Decode a batch of prompts.
 
         Args:
             prompt_ids: ``(B, P)`` long tensor, or a list of prompts of different lengths
-                (left-padded here with the model's pad id).
+                (left-padded here with the model's pad id), or a list of
+                [`MultimodalPrompt`][dlm_decode.interfaces.MultimodalPrompt] (text ids and
+                images), which the model embeds once through
+                [`embed_prompt`][dlm_decode.interfaces.Model.embed_prompt].
             attention_mask: ``(B, P)`` mask for an already left-padded tensor.
+            on_step: called after every step with its
+                [`TraceStep`][dlm_decode.decoder.TraceStep] (a live view); ``None``, the
+                default, costs nothing. It observes only: the decode is the same.
 
         Returns:
             A [`GenerationResult`][dlm_decode.decoder.GenerationResult].
         """
         cfg, model, policy = self.config, self.model, self.policy
         t0 = time.perf_counter()
-        ids, am = pad_prompts(prompt_ids, model.pad_token_id, attention_mask)
+        ids, am, embeds = _prompt_input(model, prompt_ids, attention_mask)
         check_prompt_ids(ids, am, model.vocab_size, model.mask_token_id)
         bsz, p = ids.shape
-        total = p + cfg.gen_length
+        first, n_blocks, total = self.block_layout(p)
         if total > model.max_length:
             raise ValueError(
                 f"prompt length {p} + gen_length {cfg.gen_length} = {total} exceeds the "
@@ -704,7 +869,12 @@ class Decoder:
             raise ValueError("a shifted-logits model needs a prompt of at least one token")
         # before any buffer is allocated
         check_memory(model, bsz, total, self.cache, logits_length=cfg.block_length + 1)
+        kind = None if embeds is None else tuple(embeds.shape)
+        if kind != getattr(self, "_prompt_kind", None) and hasattr(self, "release"):
+            self.release()  # a FastDecoder's graphs read the prompt embeddings (or not)
+        self._prompt_kind = kind
         run = self._begin(ids, am)
+        _attach_prompt_embeds(run, embeds)
         dev = model.device
         if cfg.temperature > 0 or "uniform" in self.signal_spec:
             run.generator = torch.Generator(device=dev)
@@ -717,12 +887,22 @@ class Decoder:
         remasks: list[torch.Tensor] = []
         step_blocks: list[int] = []
         positions: list[int] = []  # token positions each row computed, per step
-        trace: list[TraceStep] | None = [] if cfg.trace else None
+        trace = (
+            Trace(policy=self.settings.policy_ref.label, block_length=cfg.block_length)
+            if cfg.trace
+            else None
+        )
+        watch = trace is not None or on_step is not None  # per-step records wanted
         t_fwd = t_sel = 0.0
         bl, budget, cache = cfg.block_length, self.step_budget, self.cache
         requested = False
-        for b in range(cfg.num_blocks):
-            bs, be = p + b * bl, p + (b + 1) * bl
+        if run.x.shape[1] != total:
+            raise ValueError(
+                f"{type(self).__name__} allocated {run.x.shape[1]} positions, but the "
+                f"block-causal model needs {total} (blocks aligned to its grid); use Decoder"
+            )
+        for b in range(n_blocks):
+            bs, be = first + b * bl, first + (b + 1) * bl
             m0 = (run.x[:, bs:be] == model.mask_token_id).sum(-1)  # (B,)
             if not bool(m0.any()):  # rows finished by early stop
                 continue
@@ -757,18 +937,29 @@ class Decoder:
                 positions.append(self._forward(run, refresh, bs, be))
                 sync()
                 tb = time.perf_counter()
-                nfe += 1
+                nfe += max(1, getattr(run.ctx.model, "last_forwards", 1))
                 state = StepState(
                     step=step,
                     block_index=b,
-                    num_blocks=cfg.num_blocks,
+                    num_blocks=n_blocks,
                     steps_per_block=cfg.steps_per_block,
                     block_masked_at_start=m0,
                     block_start=bs,
                 )
+                if watch:  # what the step starts from (the signals are recomputed from it)
+                    before = run.x[:, bs:be].clone()  # (B, L)
+                    rng = None if run.generator is None else run.generator.get_state()
                 out = self._select(run, bs, be, state)
-                if trace is not None:
-                    trace.append(_trace_step(b, step, bs, out))
+                if watch:
+                    sig = _trace_signals(run.logits, before, model, self.signal_spec, cfg, rng)
+                    after = run.x[:, bs:be]
+                    rec = _trace_step(
+                        b, step, bs, out, before, after, model.mask_token_id, sig, policy
+                    )
+                    if trace is not None:
+                        trace.append(rec)
+                    if on_step is not None:
+                        on_step(rec)
                 counts.append(out.count)
                 edits.append(out.edits)
                 remasks.append(out.remasks)
@@ -799,6 +990,10 @@ class Decoder:
         if cfg.profile or dev.type == "cpu":
             timings.update(forward_s=t_fwd, select_s=t_sel)
         sequences, full_am = self._finish(run)
+        if total > p + cfg.gen_length:  # a block-causal grid's tail past gen_length
+            sequences = sequences[:, : p + cfg.gen_length]
+            full_am = None if full_am is None else full_am[:, : p + cfg.gen_length]
+            total = p + cfg.gen_length
         per_step = torch.tensor(positions, dtype=torch.long)  # (steps,)
         return GenerationResult(
             sequences=sequences,
@@ -933,21 +1128,143 @@ def _raise_for_flags(flags: dict[str, bool], key: str, block: int, step: int) ->
         )
 
 
-def _trace_step(block: int, step: int, block_start: int, out: SelectOut) -> TraceStep:
-    conf_c, masked_c, commit_c, x0_c, edit_c, remask_c = (
-        t.cpu() for t in (out.conf, out.masked, out.commit, out.x0, out.edit, out.remask)
+#: Signals a trace records when the policy declared them (``logits`` is too large to keep,
+#: ``history`` is the trace itself).
+_TRACED_SIGNALS = frozenset({"current", "entropy", "top2", "topk", "uniform"})
+
+
+def _trace_signals(
+    logits: torch.Tensor,
+    before: torch.Tensor,
+    model: Model,
+    spec: SignalSpec,
+    config: DecodeConfig,
+    rng: torch.Tensor | None,
+) -> StepSignals | None:
+    """The step's proposals and declared signals again, for a trace (the decode's own
+    generator is never touched: a copy replays its state from before the step).
+
+    Args:
+        logits: ``(B, L, V)`` the step's logits.
+        before: ``(B, L)`` long, the block before the step.
+        model: the model (its mask id).
+        spec: the policy's declared signals.
+        config: the decode config (its temperature).
+        rng: the decode generator's state before the step, or ``None`` without one.
+
+    Returns:
+        The signals, or ``None`` when the generator state cannot be replayed.
+    """
+    gen = None
+    if rng is not None:
+        try:
+            gen = torch.Generator(device=logits.device)
+            gen.set_state(rng)
+        except RuntimeError:
+            return None
+    names = spec.names & _TRACED_SIGNALS
+    return compute_signals(
+        logits,
+        before,
+        model.mask_token_id,
+        SignalSpec(names, spec.topk if "topk" in names else 0),
+        temperature=config.temperature,
+        generator=gen,
     )
-    profiles, committed, positions, tokens, edited, remasked = [], [], [], [], [], []
+
+
+def _trace_step(
+    block: int,
+    step: int,
+    block_start: int,
+    out: SelectOut,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    mask_token_id: int,
+    signals: StepSignals | None = None,
+    policy: Any = None,
+) -> TraceStep:
+    """A step's [`TraceStep`][dlm_decode.decoder.TraceStep] (host copies, one per row).
+
+    Args:
+        block: block index.
+        step: step index within the block.
+        block_start: absolute position of the block's first position.
+        out: the step's select outputs.
+        before: ``(B, L)`` long, the block before the step.
+        after: ``(B, L)`` long, the block after the step.
+        mask_token_id: the mask id.
+        signals: the recomputed signals (``None``: the proposals are ``out.x0``).
+        policy: the policy (its ``criterion``, when it has one, is evaluated on each row's
+            sorted profile).
+    """
+    x0 = out.x0 if signals is None else signals.x0  # (B, L)
+    host = [
+        t.cpu() for t in (before, after, out.masked, out.conf, x0, out.commit, out.edit, out.remask)
+    ]
+    before_c, after_c, masked_c, conf_c, x0_c, commit_c, edit_c, remask_c = host
+    written_c = out.x0.cpu()
+    code = torch.zeros(before_c.shape, dtype=torch.long)  # (B, L) 0: none
+    code[after_c != before_c] = 4  # changed, not by the decision: early stop's EOS fill
+    code[remask_c] = 3
+    code[edit_c] = 2
+    code[commit_c] = 1
+    names = ("none", "commit", "edit", "remask", "fill")
+    actions = [[names[c] for c in row] for row in code.tolist()]
+
+    def ids(t: torch.Tensor) -> list[list[int | None]]:
+        return [[None if v == mask_token_id else v for v in row] for row in t.tolist()]
+
+    writes = commit_c | edit_c  # (B, L)
+    written = [
+        [w if k else None for w, k in zip(wr, kr, strict=True)]
+        for wr, kr in zip(written_c.tolist(), writes.tolist(), strict=True)
+    ]
+    extra: dict[str, list[list[Any]]] = {}
+    if signals is not None:
+        for name in ("current", "entropy", "top2", "uniform"):
+            if name in signals.declared:
+                extra[name] = getattr(signals, name).float().cpu().tolist()
+        if "topk" in signals.declared:
+            probs = signals.topk_probs.float().cpu().tolist()  # (B, L, K)
+            tops = signals.topk_ids.cpu().tolist()
+            extra["topk"] = [
+                [
+                    [[i, p] for i, p in zip(ip, pp, strict=True)]
+                    for ip, pp in zip(ir, pr, strict=True)
+                ]
+                for ir, pr in zip(tops, probs, strict=True)
+            ]
+    criteria: list[dict[str, Any] | None] = []
+    crit = getattr(policy, "criterion", None)
     for r in range(conf_c.shape[0]):
-        vals = conf_c[r][masked_c[r]].sort(descending=True).values
-        profiles.append([float(v) for v in vals])
-        idx = commit_c[r].nonzero().flatten()
-        committed.append(int(idx.numel()))
-        positions.append([block_start + int(i) for i in idx])
-        tokens.append([int(t) for t in x0_c[r][idx]])
-        edited.append([block_start + int(i) for i in edit_c[r].nonzero().flatten()])
-        remasked.append([block_start + int(i) for i in remask_c[r].nonzero().flatten()])
-    return TraceStep(block, step, profiles, committed, positions, tokens, edited, remasked)
+        prof = conf_c[r][masked_c[r]].sort(descending=True).values  # (m,)
+        c = crit(prof) if callable(crit) and prof.numel() else None
+        criteria.append(
+            None
+            if c is None
+            else {
+                "name": c.name,
+                "values": [float(v) for v in c.values.flatten()],
+                "bound": float(c.bound),
+                "bound_name": c.bound_name,
+                "passes": c.passes,
+            }
+        )
+    return TraceStep(
+        block=block,
+        step=step,
+        block_start=block_start,
+        before=ids(before_c),
+        after=ids(after_c),
+        proposals=x0_c.tolist(),
+        confidences=conf_c.float().tolist(),
+        actions=actions,
+        written=written,
+        signals=extra,
+        active=out.active.cpu().tolist(),
+        criteria=criteria,
+    )
 
 
 def generate(

@@ -27,6 +27,9 @@ from dlm_decode.frechet import commit_top_n, sorted_profile
 from dlm_decode.signals import Decision, StepSignals
 
 __all__ = [
+    "FULL_ATTENTION",
+    "IMAGE_PLACEHOLDER",
+    "AttentionPattern",
     "Cache",
     "CacheContext",
     "CacheStep",
@@ -35,8 +38,10 @@ __all__ = [
     "ForwardCounter",
     "KVBuffer",
     "Model",
+    "MultimodalPrompt",
     "NoParams",
     "ProfileCriterion",
+    "PromptEmbedding",
     "StepState",
 ]
 
@@ -314,6 +319,49 @@ class CountPolicy(CommitPolicy):
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AttentionPattern:
+    """Which keys a query may attend to: a property of the model.
+
+    * full bidirectional attention (``block_size=None``, LLaDA, Dream, the tiny model);
+    * block-causal attention (SDAR, Fast-dLLM v2, LLaDA2): the sequence is cut into blocks
+      of ``block_size`` positions at absolute multiples of ``block_size`` (slot ``i`` of the
+      decode buffer lies in block ``i // block_size``, as the references number them); a
+      query attends to every key of its own block and of all earlier blocks. The K/V of a
+      finished block therefore never change, and can be cached exactly (the
+      [`block`][dlm_decode.caches.block.BlockCache] cache).
+
+    Attributes:
+        block_size: positions per attention block, or ``None`` for full attention.
+    """
+
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"AttentionPattern.block_size must be None or an int ≥ 1, got {b!r}")
+
+    @property
+    def block_causal(self) -> bool:
+        """Whether attention is block-causal (``block_size`` is set)."""
+        return self.block_size is not None
+
+    def block_grid_start(self, position: int) -> int:
+        """The first position of the attention block holding ``position`` (``position``
+        itself under full attention)."""
+        if self.block_size is None:
+            return position
+        return position // self.block_size * self.block_size
+
+    def __str__(self) -> str:
+        return "full" if self.block_size is None else f"block-causal({self.block_size})"
+
+
+FULL_ATTENTION = AttentionPattern()
+"""Full bidirectional attention, the default of every [`Model`][dlm_decode.interfaces.Model]."""
+
+
 @dataclass
 class KVBuffer:
     """Preallocated key/value storage for every layer.
@@ -330,6 +378,60 @@ class KVBuffer:
     def max_length(self) -> int:
         """Number of positions the buffer holds (``T``)."""
         return self.k.shape[3]
+
+
+IMAGE_PLACEHOLDER = -200
+"""The id that stands for an image in the ids of a
+[`MultimodalPrompt`][dlm_decode.interfaces.MultimodalPrompt] (LLaVA's
+``IMAGE_TOKEN_INDEX``): never a token id, expanded by the model into the image's
+features."""
+
+
+@dataclass(frozen=True)
+class MultimodalPrompt:
+    """A prompt that is not only token ids: text ids with image placeholders, and the images.
+
+    A model whose [`embed_prompt`][dlm_decode.interfaces.Model.embed_prompt] accepts it turns
+    it into embeddings once, before the first forward; everything after the prompt (the
+    generated positions) stays token ids, so caches, policies, the fast path and traces are
+    unchanged.
+
+    Attributes:
+        ids: token ids, with [`IMAGE_PLACEHOLDER`][dlm_decode.interfaces.IMAGE_PLACEHOLDER]
+            (``-200``) where each image goes, in order.
+        images: one image per placeholder: a ``PIL.Image``, a path to an image file, or a
+            model-specific preprocessed tensor.
+    """
+
+    ids: Sequence[int]
+    images: Sequence[Any] = ()
+
+    def __post_init__(self) -> None:
+        n = sum(1 for t in self.ids if int(t) == IMAGE_PLACEHOLDER)
+        if n != len(self.images):
+            raise ValueError(
+                f"MultimodalPrompt has {n} image placeholder(s) ({IMAGE_PLACEHOLDER}) in its ids "
+                f"but {len(self.images)} image(s); give one image per placeholder"
+            )
+
+
+class PromptEmbedding(NamedTuple):
+    """What [`Model.embed_prompt`][dlm_decode.interfaces.Model.embed_prompt] returns: a batch
+    of prompts as the first forward's input, left-padded to a common length ``P``.
+
+    Attributes:
+        ids: ``(B, P)`` long, the prompt's token ids where it has text and a placeholder id
+            (a valid, non-mask id, e.g. the pad id) where it has image features; the
+            Decoder's sequence holds these, and no forward reads them.
+        embeds: ``(B, P, d)`` the input embedding of every prompt position (zeros at
+            padding), in the model's dtype.
+        attention_mask: ``(B, P)`` bool, false at left padding; ``None`` when no row is
+            padded.
+    """
+
+    ids: torch.Tensor
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor | None
 
 
 class Model(ABC):
@@ -350,6 +452,10 @@ class Model(ABC):
         logits_shift: 0 when output row ``i`` predicts position ``i`` (LLaDA); 1 when it
             predicts position ``i + 1`` (Dream, whose logit for ``i`` comes from ``i - 1``).
         tokenizer: a transformers tokenizer, or ``None``.
+        attention: the model's [`AttentionPattern`][dlm_decode.interfaces.AttentionPattern]:
+            full bidirectional (the default) or block-causal with a block size. The
+            Decoder aligns its blocks to a block-causal model's grid, and ``forward``
+            applies the pattern in every call (with or without a KV buffer).
     """
 
     name: ClassVar[str]
@@ -367,6 +473,7 @@ class Model(ABC):
     max_length: int
     logits_shift: int = 0
     tokenizer: Any = None
+    attention: AttentionPattern = FULL_ATTENTION
 
     @classmethod
     @abstractmethod
@@ -435,7 +542,36 @@ class Model(ABC):
         Returns:
             ``(B, hi - lo, V)`` logits in the model's dtype; with ``hidden_layers``, the
             pair ``(logits, hidden)`` with ``hidden[i]`` ``(B, S, d)``.
+
+        A model that implements
+        [`embed_prompt`][dlm_decode.interfaces.Model.embed_prompt] also takes
+        ``prompt_embeds``: ``(B, P, d)`` input embeddings used instead of the token
+        embedding at every buffer slot below ``P`` (the Decoder passes them through the
+        [`ForwardCounter`][dlm_decode.interfaces.ForwardCounter]; caches never see them).
         """
+
+    def embed_prompt(self, prompts: Sequence[MultimodalPrompt]) -> PromptEmbedding:
+        """Turn prompts that are not only token ids into the first forward's input, once.
+
+        Optional: a multimodal model (``llada_v``) implements it; the default refuses.
+        The Decoder calls it when a prompt is a
+        [`MultimodalPrompt`][dlm_decode.interfaces.MultimodalPrompt] with images, then
+        decodes as for token ids: the returned ``ids`` fill the prompt slots of the
+        sequence and ``forward`` receives ``embeds`` as ``prompt_embeds``.
+
+        Args:
+            prompts: ``B`` prompts, each with its own text and number of images.
+
+        Returns:
+            The left-padded [`PromptEmbedding`][dlm_decode.interfaces.PromptEmbedding].
+
+        Raises:
+            TypeError: the model takes token-id prompts only.
+        """
+        raise TypeError(
+            f"{type(self).__name__} takes token-id prompts only, not images; use a multimodal "
+            f"model (e.g. llada_v) or give the prompt's token ids"
+        )
 
     def logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -573,6 +709,16 @@ class ForwardCounter:
         positions_per_row: positions each row computed since the last reset.
         own_positions: ``(B,)`` long on the model's device, each row's own positions
             computed since it was last zeroed (the Decoder zeroes it every step).
+        forwards: model forwards run since the last
+            [`reset`][dlm_decode.interfaces.ForwardCounter.reset].
+        last_forwards: the forwards counted before the last reset (the Decoder adds them to
+            its NFE: a cache call that runs an extra forward, such as the
+            [`block`][dlm_decode.caches.block.BlockCache] cache writing a finished block,
+            costs more than one).
+        prompt_embeds: ``(B, P, d)`` the input embeddings of a multimodal prompt (see
+            [`Model.embed_prompt`][dlm_decode.interfaces.Model.embed_prompt]), set by the
+            Decoder; when set, every ``forward`` passes them on as ``prompt_embeds``, so
+            caches need not know. ``None`` for token-id prompts.
     """
 
     def __init__(
@@ -588,13 +734,18 @@ class ForwardCounter:
         self.sequence_mask = sequence_mask
         self.total_length = total_length
         self.own_positions: torch.Tensor | None = None
+        self.forwards = 0
+        self.last_forwards = 0
+        self.prompt_embeds: torch.Tensor | None = None
         if batch_size is not None:
             self.own_positions = torch.zeros(batch_size, dtype=torch.long, device=base.device)
 
     def reset(self) -> tuple[int, int]:
-        """Return ``(token_forwards, positions_per_row)`` and start counting again."""
+        """Return ``(token_forwards, positions_per_row)`` and start counting again (the
+        forwards counted so far move to ``last_forwards``)."""
         out = (self.token_forwards, self.positions_per_row)
         self.token_forwards = self.positions_per_row = 0
+        self.last_forwards, self.forwards = self.forwards, 0
         return out
 
     def _count_own(self, ids: torch.Tensor, start: int, positions: torch.Tensor | None) -> None:
@@ -615,13 +766,17 @@ class ForwardCounter:
 
     def forward(self, ids: torch.Tensor, **kwargs: Any) -> Any:
         """Count, then run the model's forward."""
+        self.forwards += 1
         self.token_forwards += int(ids.shape[0]) * int(ids.shape[1])
         self.positions_per_row += int(ids.shape[1])
         self._count_own(ids, int(kwargs.get("start", 0) or 0), kwargs.get("positions"))
+        if self.prompt_embeds is not None:  # a multimodal prompt's first-forward input
+            kwargs["prompt_embeds"] = self.prompt_embeds
         return self.base.forward(ids, **kwargs)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
         """The model's plain full forward (counted)."""
+        self.forwards += 1
         self.token_forwards += int(input_ids.numel())
         self.positions_per_row += int(input_ids.shape[1])
         if self.own_positions is None:

@@ -103,3 +103,67 @@ def test_simple_evaluate_scores_our_generations(
     assert len(samples) == len(docs)
     for s in samples:
         assert s["resps"][0][0] == ours[s["doc_id"]]
+
+
+def test_decode_metrics_are_collected_across_generate_until_calls(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    lm = _make_lm(checkpoint)
+    gen_kwargs = {"until": ["\n"], "max_gen_toks": 8}
+    reqs = [SimpleNamespace(args=(q, dict(gen_kwargs))) for q in ("Q: 1+1=?\nA:", "Q: hi\nA:")]
+    lm.generate_until(reqs[:1], disable_tqdm=True)
+    first = lm.decode_metrics()
+    lm.generate_until(reqs, disable_tqdm=True)
+    m = lm.decode_metrics()
+    assert m["generate_until_calls"] == 2 and m["requests"] == 3
+    assert m["nfe"] > first["nfe"] > 0  # summed over both calls
+    assert m["token_forwards"] > first["token_forwards"]
+    assert m["tokens_per_nfe"] == pytest.approx(m["response_tokens"] / m["nfe"])
+    assert m["tokens_per_s"] == pytest.approx(m["response_tokens"] / m["decode_s"])
+    written = lm.write_decode_metrics(tmp_path)
+    assert written == tmp_path / "dlm_decode_metrics.json"
+    assert json.loads(written.read_text())["nfe"] == m["nfe"]
+
+
+def test_metrics_path_follows_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlm_decode.lm_eval_adapter import metrics_path
+
+    monkeypatch.chdir(tmp_path)
+    assert metrics_path(["--tasks", "x"]) == tmp_path / "dlm_decode_metrics.json"
+    assert metrics_path(["--output_path", "out"]) == Path("out") / "dlm_decode_metrics.json"
+    assert metrics_path(["-o", "r/res.json"]) == Path("r") / "dlm_decode_metrics.json"
+    assert metrics_path(["--output_path=o2"]) == Path("o2") / "dlm_decode_metrics.json"
+
+
+def test_main_writes_metrics_beside_lm_eval_output(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The lm-eval command line on the local task: ``dlm_decode_metrics.json`` lands in
+    ``--output_path`` beside lm-eval's results, with a one-line summary on stderr."""
+    from dlm_decode.lm_eval_adapter import main
+
+    docs = [json.loads(x) for x in (TASK_DIR / "tiny_qa_prompts.jsonl").read_text().splitlines()]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({**d, "answer": "x"}) + "\n" for d in docs))
+    task = yaml.safe_load((TASK_DIR / f"{TASK_NAME}.yaml").read_text())
+    task["dataset_kwargs"]["data_files"]["test"] = str(data)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / f"{TASK_NAME}.yaml").write_text(yaml.safe_dump(task))
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    model_args = f"model={checkpoint},device=cpu,dtype=float32,policy=frechet,block_length=4"
+    main(
+        [
+            "--model", "dlm_decode", "--model_args", model_args, "--tasks", TASK_NAME,
+            "--include_path", str(tasks), "--output_path", str(out), "--batch_size", "2",
+        ]
+    )  # fmt: skip
+    metrics = json.loads((out / "dlm_decode_metrics.json").read_text())
+    assert metrics["requests"] == len(docs) and metrics["nfe"] > 0
+    assert metrics["tokens_per_nfe"] > 0 and metrics["token_forwards"] > 0
+    assert list(out.rglob("results_*.json"))  # lm-eval's own output, beside ours
+    lines = [
+        ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dlm_decode metrics:")
+    ]
+    assert len(lines) == 1 and f"NFE {metrics['nfe']}" in lines[0]

@@ -34,13 +34,24 @@ length. An explicit length that does not fit, a ``max_gen_toks`` below 1, and
 ``gen_kwargs`` of the wrong type are one-line ``ValueError`` s before that group decodes.
 ``python -m dlm_decode.lm_eval_adapter`` passes ``--device`` to lm-eval when it is not
 given (``cpu`` without CUDA), so ``results.json`` records the device that ran.
+
+Decode metrics: every ``generate_until`` call adds its NFE, token-forwards, response tokens
+and decode time to the model's counters
+([`DLMDecodeLM.decode_metrics`][dlm_decode.lm_eval_adapter.DLMDecodeLM.decode_metrics]).
+At the end of ``python -m dlm_decode.lm_eval_adapter`` they are written to
+``dlm_decode_metrics.json`` beside lm-eval's output (in ``--output_path``, or the folder of
+an ``--output_path`` ending in ``.json``; the current folder without one) and summed up in
+one line on stderr; from Python, call
+[`write_decode_metrics`][dlm_decode.lm_eval_adapter.DLMDecodeLM.write_decode_metrics].
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills lm-eval's lazy registry before we add to it)
@@ -54,7 +65,21 @@ from dlm_decode.models.loading import load_model, resolve_device
 from dlm_decode.settings import resolve
 from dlm_decode.tasks.common import truncate_at
 
-__all__ = ["DLMDecodeLM", "check_gen_kwargs", "main", "with_device"]
+__all__ = [
+    "METRICS_FILE",
+    "DLMDecodeLM",
+    "check_gen_kwargs",
+    "main",
+    "metrics_path",
+    "metrics_summary",
+    "with_device",
+]
+
+#: The decode metrics' file name (written beside lm-eval's output).
+METRICS_FILE = "dlm_decode_metrics.json"
+#: The decode counters of every adapter model built (small dicts, not the models), so
+#: ``main`` finds those of the model lm-eval built and dropped.
+_COUNTERS: list[dict[str, Any]] = []
 
 _NOT_GENERATIVE = (
     "masked diffusion models are evaluated generatively here; use generate_until tasks "
@@ -145,6 +170,17 @@ class DLMDecodeLM(LM):
                 f"(put tokenizer.json in the checkpoint folder)"
             )
         self._device = self.model.device
+        self._counts = {
+            "generate_until_calls": 0,
+            "requests": 0,
+            "nfe": 0,
+            "token_forwards": 0,
+            "response_tokens": 0,
+            "decode_s": 0.0,
+            "model": self._name,
+            "settings": self.settings.describe(),
+        }
+        _COUNTERS.append(self._counts)
 
     @classmethod
     def create_from_arg_string(
@@ -285,13 +321,67 @@ class DLMDecodeLM(LM):
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 res = decoder.generate([encoded[i] for i in chunk])
+                self._count(res)
                 for i, text in zip(chunk, res.texts(self.model.tokenizer), strict=True):
                     text = truncate_at(text, until)
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))
         bar.close()
+        self._counts["generate_until_calls"] += 1
         return [t if t is not None else "" for t in out]
+
+    # -- decode metrics ---------------------------------------------------------------------
+
+    def _count(self, res: Any) -> None:
+        c = self._counts
+        c["requests"] += int(res.sequences.shape[0])
+        c["nfe"] += int(res.nfe)
+        c["token_forwards"] += int(res.token_forwards)
+        c["response_tokens"] += int(res.response_lengths().sum())
+        c["decode_s"] += float(res.timings["total_s"])
+
+    def decode_metrics(self) -> dict[str, Any]:
+        """The decode's cost over every ``generate_until`` call so far.
+
+        Returns:
+            ``nfe`` (model forwards), ``tokens_per_nfe`` (response tokens per forward),
+            ``token_forwards`` (positions the forwards computed), ``tokens_per_s``
+            (response tokens per second of decoding), the raw counts (``requests``,
+            ``response_tokens``, ``decode_s``, ``generate_until_calls``), the model and
+            the decode settings.
+        """
+        return _metrics(self._counts)
+
+    def write_decode_metrics(self, path: str | Path | None = None) -> Path:
+        """Write [`decode_metrics`][dlm_decode.lm_eval_adapter.DLMDecodeLM.decode_metrics] as
+        JSON.
+
+        Args:
+            path: the file, or a folder to write ``dlm_decode_metrics.json`` in (default:
+                the current folder).
+
+        Returns:
+            The file written.
+        """
+        out = Path.cwd() / METRICS_FILE if path is None else Path(path)
+        if out.is_dir() or out.suffix != ".json":
+            out = out / METRICS_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return _write_metrics(self.decode_metrics(), out)
+
+
+def _metrics(counts: dict[str, Any]) -> dict[str, Any]:
+    c = dict(counts)
+    c["tokens_per_nfe"] = c["response_tokens"] / c["nfe"] if c["nfe"] else 0.0
+    c["tokens_per_s"] = c["response_tokens"] / c["decode_s"] if c["decode_s"] else 0.0
+    return c
+
+
+def _write_metrics(metrics: dict[str, Any], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return out
 
 
 def check_gen_kwargs(gen_kwargs: Any, where: str = "gen_kwargs") -> None:
@@ -355,13 +445,46 @@ def with_device(argv: Sequence[str]) -> list[str]:
     return [*args, "--device", given[0] if given else resolve_device(None)]
 
 
+def metrics_path(argv: Sequence[str]) -> Path:
+    """Where ``main`` writes the decode metrics for lm-eval arguments ``argv``: in
+    ``--output_path`` (a folder), beside it (a ``.json`` file), or in the current folder."""
+    args = list(argv)
+    given = next(
+        (args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--output_path", "-o")),
+        next((a.split("=", 1)[1] for a in args if a.startswith("--output_path=")), None),
+    )
+    if not given:
+        return Path.cwd() / METRICS_FILE
+    out = Path(given)
+    return (out.parent if out.suffix == ".json" else out) / METRICS_FILE
+
+
+def metrics_summary(metrics: dict[str, Any]) -> str:
+    """One line: ``dlm_decode metrics: 40 requests, NFE 312, 5.13 tokens/NFE, …``."""
+    return (
+        f"dlm_decode metrics: {metrics['requests']} requests, NFE {metrics['nfe']}, "
+        f"{metrics['tokens_per_nfe']:.2f} tokens/NFE, {metrics['token_forwards']} "
+        f"token-forwards, {metrics['tokens_per_s']:.1f} tokens/s"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run lm-eval's command line with the ``dlm_decode`` model registered (and
-    ``--device`` filled in, see [`with_device`][dlm_decode.lm_eval_adapter.with_device])."""
+    ``--device`` filled in, see [`with_device`][dlm_decode.lm_eval_adapter.with_device]),
+    then write the decode metrics beside lm-eval's output
+    ([`metrics_path`][dlm_decode.lm_eval_adapter.metrics_path]) and print their summary."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = [sys.argv[0], *with_device(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    args = with_device(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0], *args]
+    first = len(_COUNTERS)
+    try:
+        cli_evaluate()
+    finally:
+        for counts in [c for c in _COUNTERS[first:] if c["nfe"]]:
+            metrics = _metrics(counts)
+            path = _write_metrics(metrics, metrics_path(args))
+            print(f"{metrics_summary(metrics)} (written to {path})", file=sys.stderr)
 
 
 register_model("dlm_decode")(DLMDecodeLM)

@@ -1,7 +1,8 @@
 """Built-in model architectures and the model loader.
 
-* [`LLaDAModel`][dlm_decode.models.llada.LLaDAModel] (``llada``) and
-  [`DreamModel`][dlm_decode.models.dream.DreamModel] (``dream``): native PyTorch
+* [`LLaDAModel`][dlm_decode.models.llada.LLaDAModel] (``llada``),
+  [`DreamModel`][dlm_decode.models.dream.DreamModel] (``dream``) and the block-diffusion
+  [`SDARModel`][dlm_decode.models.sdar.SDARModel] (``sdar``): native PyTorch
   implementations over one shared transformer
   ([`dlm_decode.models.transformer`][dlm_decode.models.transformer], pure ``nn`` code)
   wrapped by [`NativeModel`][dlm_decode.models.native.NativeModel] (checkpoints);
@@ -32,6 +33,7 @@ from dlm_decode.models.memory import (
     decode_memory_bytes,
 )
 from dlm_decode.models.native import NativeModel
+from dlm_decode.models.sdar import SDARModel
 
 __all__ = [
     "CheckpointError",
@@ -40,6 +42,7 @@ __all__ = [
     "DreamModel",
     "LLaDAModel",
     "NativeModel",
+    "SDARModel",
     "available_memory_bytes",
     "build_model",
     "check_memory",
@@ -52,6 +55,7 @@ __all__ = [
 
 @hookimpl
 def register_models(register: Callable[[type], None]) -> None:
-    """Register the built-in architectures ``llada`` and ``dream``."""
+    """Register the built-in architectures ``llada``, ``dream`` and ``sdar``."""
     register(LLaDAModel)
     register(DreamModel)
+    register(SDARModel)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dlm_decode.interfaces import KVBuffer, Model
+from dlm_decode.interfaces import AttentionPattern, KVBuffer, Model
 from dlm_decode.models.checkpoint import (
     ConfigError,
     load_tokenizer,
@@ -261,6 +261,7 @@ class NativeModel(Model):
         self.tokenizer = tokenizer
         self.vocab_size = self.spec.vocab_size
         self.max_length = self.spec.max_length
+        self.attention = AttentionPattern(self.spec.block_size)
         self._set_special_ids()
 
     # -- architecture description ----------------------------------------------------

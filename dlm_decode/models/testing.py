@@ -57,7 +57,20 @@ _ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
         "d_ff": ("intermediate_size",),
         "max_length": ("max_position_embeddings",),
     },
+    "sdar": {
+        "vocab_size": ("vocab_size",),
+        "d_model": ("hidden_size",),
+        "n_layers": ("num_hidden_layers",),
+        "n_heads": ("num_attention_heads",),
+        "n_kv_heads": ("num_key_value_heads",),
+        "head_dim": ("head_dim",),
+        "d_ff": ("intermediate_size",),
+        "max_length": ("max_position_embeddings",),
+        "block_size": ("block_size",),
+    },
 }
+#: The full-size preset of each architecture, whose keys ``tiny_config`` also accepts.
+_FULL_PRESETS = {"llada": "llada-8b", "dream": "dream-7b", "sdar": "sdar-4b"}
 _DTYPE_NAMES = {
     torch.float32: "float32",
     torch.bfloat16: "bfloat16",
@@ -70,12 +83,14 @@ def tiny_config(arch: str = "llada", **dims: Any) -> dict[str, Any]:
     """A tiny ``config.json`` dict for ``arch`` with the real key names.
 
     Defaults: vocabulary 128 (mask id 127, EOS = pad = 1), ``d_model`` 32, 2 layers, 4 heads
-    (Dream: 2 key/value heads), MLP 64, max length 512.
+    (Dream, SDAR: 2 key/value heads), MLP 64, max length 512; SDAR: head dim 16 and
+    block size 4.
 
     Args:
-        arch: ``"llada"`` or ``"dream"``.
+        arch: ``"llada"``, ``"dream"`` or ``"sdar"``.
         **dims: overrides, either architecture-neutral (``vocab_size``, ``d_model``,
-            ``n_layers``, ``n_heads``, ``n_kv_heads``, ``d_ff``, ``max_length``) or any
+            ``n_layers``, ``n_heads``, ``n_kv_heads``, ``d_ff``, ``max_length``; SDAR also
+            ``head_dim`` and ``block_size``) or any
             key of the architecture's ``config.json`` (``rope_theta``, ``mask_token_id``,
             ``num_hidden_layers``, …). Changing ``vocab_size`` moves the default mask id
             to ``vocab_size - 1`` unless ``mask_token_id`` is given.
@@ -84,7 +99,7 @@ def tiny_config(arch: str = "llada", **dims: Any) -> dict[str, Any]:
         ValueError: unknown architecture or key.
     """
     if arch not in _ALIASES:
-        raise ValueError(f"unknown arch {arch!r}; use 'llada' or 'dream'")
+        raise ValueError(f"unknown arch {arch!r}; use one of {', '.join(sorted(_ALIASES))}")
     config = preset_config(f"{arch}-tiny")
     aliases = _ALIASES[arch]
     if "vocab_size" in dims and "mask_token_id" not in dims:
@@ -104,7 +119,7 @@ def tiny_config(arch: str = "llada", **dims: Any) -> dict[str, Any]:
 
 
 def _known_keys(arch: str) -> set[str]:
-    return set(preset_config("llada-8b" if arch == "llada" else "dream-7b"))
+    return set(preset_config(_FULL_PRESETS[arch]))
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
@@ -141,7 +156,7 @@ def write_random_checkpoint(
 
     Args:
         path: folder to create (may exist).
-        arch: ``"llada"`` or ``"dream"``.
+        arch: ``"llada"``, ``"dream"`` or ``"sdar"``.
         seed: seed of the weights.
         shards: number of safetensors files.
         dtype: dtype the weights are stored in.

@@ -7,11 +7,17 @@ differ only in their spec (biases, head counts, RoPE theta and precision) and in
 checkpoint names the weights, which
 [`NativeModel`][dlm_decode.models.native.NativeModel] handles.
 
-Attention is always bidirectional (``is_causal=False``) and runs through
+Attention is bidirectional (``is_causal=False``) and runs through
 ``torch.nn.functional.scaled_dot_product_attention`` with a boolean key mask ``(B, 1, 1, T)``.
 Grouped-query attention folds the query heads of each key/value group into the query
 length, so no key/value copy is made and every SDPA kernel applies (exact because the mask
-depends on the key only).
+depends on the key only; a query-dependent mask is tiled over the folded heads).
+
+A spec with ``block_size`` is **block-causal** (SDAR, Fast-dLLM v2): buffer slot ``i`` lies
+in attention block ``i // block_size`` and a query attends to the keys of its own block and
+of every earlier one; the mask ``(B, 1, S, T)`` is built from the slots of the queries and
+keys, with or without a KV buffer. ``qk_norm`` adds Qwen3's per-head RMSNorm of queries and
+keys (before RoPE); ``head_dim`` may be set apart from ``d_model / n_heads`` (Qwen3).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ __all__ = [
     "SwiGLU",
     "Transformer",
     "apply_rope",
+    "block_causal_mask",
     "rope_cos_sin",
 ]
 
@@ -57,6 +64,13 @@ class ArchSpec:
         tie_embeddings: the LM head reuses the embedding matrix.
         rope_full_precision: apply the rotation in float32 (at least) and cast back, as
             LLaDA does; otherwise rotate in the model dtype, as Qwen2/Dream does.
+        qk_norm: per-head RMSNorm of queries and keys before RoPE (Qwen3/SDAR), with
+            weights ``attn.q_norm`` / ``attn.k_norm`` of size ``head_dim``.
+        explicit_head_dim: the head dimension when it is not ``d_model // n_heads``
+            (Qwen3 configs set ``head_dim``); ``None`` derives it.
+        block_size: attention block of a block-causal model (see
+            [`AttentionPattern`][dlm_decode.interfaces.AttentionPattern]); ``None`` for full
+            bidirectional attention.
     """
 
     d_model: int
@@ -71,6 +85,9 @@ class ArchSpec:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     rope_full_precision: bool = False
+    qk_norm: bool = False
+    explicit_head_dim: int | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "vocab_size"):
@@ -81,19 +98,62 @@ class ArchSpec:
             raise ValueError(f"ArchSpec.max_length must be an integer, got {self.max_length!r}")
         if self.max_length < 1:
             raise ValueError(f"ArchSpec.max_length must be ≥ 1, got {self.max_length}")
-        if self.d_model % self.n_heads:
+        for field in ("explicit_head_dim", "block_size"):
+            value = getattr(self, field)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"ArchSpec.{field} must be None or an integer ≥ 1, got {value!r}")
+        if self.explicit_head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
             )
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head dim {self.d_model // self.n_heads} must be even for RoPE")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
 
     @property
     def head_dim(self) -> int:
-        """Dimension of one attention head."""
+        """Dimension of one attention head (``explicit_head_dim``, else
+        ``d_model // n_heads``)."""
+        if self.explicit_head_dim is not None:
+            return self.explicit_head_dim
         return self.d_model // self.n_heads
+
+
+def block_causal_mask(
+    query_slots: torch.Tensor,
+    total: int,
+    block_size: int,
+    key_mask: torch.Tensor | None,
+    batch_size: int,
+) -> torch.Tensor:
+    """The block-causal attention mask of a span: query slot ``q`` attends to key slot ``k``
+    when ``k // block_size ≤ q // block_size`` (its own block and every earlier one) and
+    the key is not padding.
+
+    A query always attends to its own slot, so that no row is fully masked (a padding
+    query in an all-padding block would otherwise give NaN, which the next layer's
+    ``0 × NaN`` would spread); its own key is a real token's for every real query.
+
+    Args:
+        query_slots: ``(S,)`` or ``(B, S)`` long buffer slots of the queries.
+        total: ``T``, the key slots ``[0, T)``.
+        block_size: positions per attention block.
+        key_mask: ``(B, 1, 1, T)`` bool key mask (false = padding), or ``None``.
+        batch_size: ``B``.
+
+    Returns:
+        ``(B, 1, S, T)`` bool, true = attend.
+    """
+    keys = torch.arange(total, device=query_slots.device)  # (T,)
+    q = query_slots if query_slots.dim() == 2 else query_slots.expand(batch_size, -1)  # (B, S)
+    q = q[:, None, :, None]  # (B, 1, S, 1)
+    allowed = (keys // block_size) <= (q // block_size)  # (B, 1, S, T)
+    if key_mask is not None:
+        allowed = allowed & key_mask
+    return allowed | (keys == q)
 
 
 class RMSNorm(nn.Module):
@@ -174,6 +234,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(spec.d_model, spec.n_kv_heads * hd, bias=spec.qkv_bias, dtype=dtype)
         self.v = nn.Linear(spec.d_model, spec.n_kv_heads * hd, bias=spec.qkv_bias, dtype=dtype)
         self.o = nn.Linear(spec.n_heads * hd, spec.d_model, bias=False, dtype=dtype)
+        self.q_norm = RMSNorm(hd, spec.rms_norm_eps, dtype) if spec.qk_norm else None
+        self.k_norm = RMSNorm(hd, spec.rms_norm_eps, dtype) if spec.qk_norm else None
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # cos/sin are float32+ when the spec rotates in full precision, else x's dtype.
@@ -197,7 +259,8 @@ class Attention(nn.Module):
             cos: ``(B, 1, S, hd)`` rotary cosines (see
                 [`rope_cos_sin`][dlm_decode.models.transformer.rope_cos_sin]).
             sin: ``(B, 1, S, hd)`` rotary sines.
-            mask: ``(B, 1, 1, T)`` bool key mask (true = attend), or ``None``.
+            mask: ``(B, 1, 1, T)`` bool key mask or ``(B, 1, S, T)`` query-key mask (true =
+                attend), or ``None``.
             kv: buffer to write the span's K/V into and read all ``T`` positions from.
             layer: index of this layer in ``kv``.
             start: absolute position of the span's first row.
@@ -213,6 +276,8 @@ class Attention(nn.Module):
         q = self.q(x).view(b, s, h, hd).transpose(1, 2)  # (B, H, S, hd)
         k = self.k(x).view(b, s, hkv, hd).transpose(1, 2)  # (B, H_kv, S, hd)
         v = self.v(x).view(b, s, hkv, hd).transpose(1, 2)  # (B, H_kv, S, hd)
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         if kv is not None and positions is not None:
             idx = positions[:, None, :, None].expand(b, hkv, s, hd)  # (B, H_kv, S, hd)
@@ -226,6 +291,8 @@ class Attention(nn.Module):
         rep = h // hkv
         if rep > 1:  # query heads of one K/V group share it: fold them into the length
             q = q.reshape(b, hkv, rep * s, hd)  # (B, H_kv, rep·S, hd)
+            if mask is not None and mask.shape[2] > 1:  # query-dependent: tile per folded head
+                mask = mask.repeat(1, 1, rep, 1)  # (B, 1, rep·S, T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
         out = out.reshape(b, h, s, hd).transpose(1, 2).reshape(b, s, h * hd)  # (B, S, H·hd)
         return self.o(out)
@@ -285,7 +352,8 @@ class Transformer(nn.Module):
     Parameter names (the internal layout [`NativeModel`][dlm_decode.models.native.NativeModel] maps
     checkpoint names onto):
     ``embed.weight``, ``blocks.{i}.attn_norm.weight``, ``blocks.{i}.attn.{q,k,v,o}.weight``
-    (``.bias`` for q/k/v when ``qkv_bias``), ``blocks.{i}.mlp_norm.weight``,
+    (``.bias`` for q/k/v when ``qkv_bias``), ``blocks.{i}.attn.{q,k}_norm.weight`` (when
+    ``qk_norm``), ``blocks.{i}.mlp_norm.weight``,
     ``blocks.{i}.mlp.{gate,up,down}.weight``, ``norm.weight``, ``head.weight`` (absent when
     the embeddings are tied).
 
@@ -317,6 +385,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_rows: tuple[int, int] | None = None,
         hidden_layers: Sequence[int] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The [`Model.forward`][dlm_decode.interfaces.Model.forward] contract.
 
@@ -333,6 +402,10 @@ class Transformer(nn.Module):
                 ``positions``).
             logits_rows: ``(lo, hi)`` rows of the span to run through the norm and head.
             hidden_layers: block indices (negative from the end) whose outputs to return.
+            prompt_embeds: ``(B, P, d)`` input embeddings of a multimodal prompt: every row
+                whose buffer slot is below ``P`` takes its embedding from here instead of
+                the token embedding (see
+                [`Model.embed_prompt`][dlm_decode.interfaces.Model.embed_prompt]).
 
         Returns:
             ``(B, hi - lo, V)`` logits; with ``hidden_layers``, ``(logits, hidden)`` where
@@ -370,12 +443,18 @@ class Transformer(nn.Module):
                     f"attention_mask must be (B, T) = ({b}, {t}), got {tuple(attention_mask.shape)}"
                 )
             mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+        if spec.block_size is not None:
+            dev = ids.device
+            q_slots = positions if positions is not None else start + torch.arange(s, device=dev)
+            mask = block_causal_mask(q_slots, t, spec.block_size, mask, b)  # (B, 1, S, T)
         lo, hi = logits_rows if logits_rows is not None else (0, s)
         if not 0 <= lo <= hi <= s:
             raise ValueError(f"logits_rows ({lo}, {hi}) outside the span of {s} rows")
         wanted = {i % spec.n_layers for i in (hidden_layers or ())}
         hidden: dict[int, torch.Tensor] = {}
         x = self.embed(ids)  # (B, S, d)
+        if prompt_embeds is not None:
+            x = _with_prompt_embeds(x, prompt_embeds, start, positions)
         rope_dtype = x.dtype
         if spec.rope_full_precision:
             rope_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -390,3 +469,29 @@ class Transformer(nn.Module):
         head = self.embed.weight if self.head is None else self.head.weight
         logits = F.linear(x, head)  # (B, hi-lo, V)
         return logits if hidden_layers is None else (logits, hidden)
+
+
+def _with_prompt_embeds(
+    x: torch.Tensor, prompt_embeds: torch.Tensor, start: int, positions: torch.Tensor | None
+) -> torch.Tensor:
+    """The span's input with the rows at slots below ``P`` taken from ``prompt_embeds``
+    (tensor-only: no host sync, so a captured graph replays it).
+
+    Args:
+        x: ``(B, S, d)`` token embeddings of the span.
+        prompt_embeds: ``(B, P, d)`` the prompt's input embeddings.
+        start: slot of the span's first row (contiguous span).
+        positions: ``(B, S)`` slots of the rows, or ``None`` for the contiguous span.
+
+    Returns:
+        ``(B, S, d)``.
+    """
+    b, s, d = x.shape
+    p = prompt_embeds.shape[1]
+    if positions is None and start >= p:  # a span after the prompt: nothing to replace
+        return x
+    slots = positions if positions is not None else start + torch.arange(s, device=x.device)
+    slots = slots.expand(b, s)  # (B, S)
+    idx = slots.clamp(max=p - 1).unsqueeze(-1).expand(b, s, d)  # (B, S, d)
+    prompt = prompt_embeds.to(x.dtype).gather(1, idx)  # (B, S, d)
+    return torch.where((slots < p).unsqueeze(-1), prompt, x)

@@ -1,0 +1,80 @@
+"""``block``: the exact KV cache of block-causal models (SDAR, Fast-dLLM v2).
+
+Under block-causal attention (see
+[`AttentionPattern`][dlm_decode.interfaces.AttentionPattern]) a query never sees a later
+attention block, so the keys and values of a finished block depend on nothing that is
+still being decoded: once written, they are final. The cache keeps them in the KV buffer
+and denoises each new block over them, with no approximation (unlike ``prefix`` and
+``dual`` on a full-attention model).
+
+What each call computes, as SDAR's ``block_diffusion_generate`` does:
+
+* the block's first call (``refresh``) first writes the K/V of every position before the
+  block that is not written yet, in one extra forward: the whole prompt blocks before the
+  first decode block (the references' prefill), then, at each later block, the block that
+  just finished (the references' ``store_kv`` forward); the Decoder counts that forward in
+  ``nfe`` and its positions in the token-forwards;
+* every call then runs the active block alone (one row before it for a shifted model),
+  attending to the cached blocks and to itself; its K/V are rewritten at every step until
+  the block is done.
+
+The references also run the store forward after the last block, whose K/V nothing reads;
+this cache does not, so its NFE is the references' minus one.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from dlm_decode.caches.common import block_logits
+from dlm_decode.interfaces import Cache, CacheContext
+
+__all__ = ["BlockCache"]
+
+#: ``ctx.extra`` key of the number of leading positions whose K/V are final and stored.
+WRITTEN = "block.written"
+#: ``ctx.extra`` key: the model has full attention (every call is a plain full forward).
+FULL = "block.full"
+
+
+class BlockCache(Cache):
+    """Exact K/V of every finished block; each step runs only the active block.
+
+    Meant for a block-causal model (``model.attention.block_causal``). Under full
+    attention no position's K/V is final before the decode ends, so on such a model every
+    call is a plain full forward (exactly ``none``); use ``dual`` or ``prefix`` there for
+    speed.
+    """
+
+    name: ClassVar[str] = "block"
+    exact: ClassVar[bool] = True
+
+    def setup(self, ctx: CacheContext, batch_size: int, total_length: int) -> None:
+        """Allocate the KV buffer (nothing for a full-attention model)."""
+        ctx.extra[WRITTEN] = 0
+        attention = getattr(ctx.model, "attention", None)
+        ctx.extra[FULL] = attention is None or attention.block_size is None
+        if not ctx.extra[FULL]:
+            ctx.kv = ctx.model.new_kv(batch_size, total_length)
+
+    def refresh(self, ctx, x, block_start, block_end):
+        if ctx.extra.get(FULL, False):
+            return self.step(ctx, x, block_start, block_end)
+        written = ctx.extra.get(WRITTEN, 0)
+        if written < block_start:  # the prefill, or the block that just finished
+            ctx.model.forward(
+                x[:, written:block_start],  # (B, S)
+                start=written,
+                kv=ctx.kv,
+                attention_mask=ctx.attention_mask,
+                position_ids=ctx.position_ids[:, written:block_start],
+                logits_rows=(0, 0),  # K/V only: no row goes through the head
+            )
+            ctx.extra[WRITTEN] = block_start
+        return self.step(ctx, x, block_start, block_end)
+
+    def step(self, ctx, x, block_start, block_end):
+        if ctx.extra.get(FULL, False):
+            return block_logits(ctx, x, 0, x.shape[1], block_start, block_end, use_kv=False)
+        s = block_start - ctx.model.logits_shift
+        return block_logits(ctx, x, s, block_end, block_start, block_end, use_kv=True)
