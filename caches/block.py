@@ -16,7 +16,13 @@ What each call computes, as SDAR's ``block_diffusion_generate`` does:
   ``nfe`` and its positions in the token-forwards;
 * every call then runs the active block alone (one row before it for a shifted model),
   attending to the cached blocks and to itself; its K/V are rewritten at every step until
-  the block is done.
+  the block is done. A sub-block (a ``block_length`` that divides the attention block, as
+  Fast-dLLM v2 decodes) runs its whole attention block, as ``batch_sample`` does, and the
+  K/V written are those before that attention block;
+* a shifted model with a greedy block head (Fast-dLLM v2) asks, at each new attention
+  block, for the one logit the finished block's last row predicts: the write forward
+  returns it, so the write and the head cost one forward, as ``batch_sample``'s
+  ``update_past_key_values`` forward does.
 
 The references also run the store forward after the last block, whose K/V nothing reads;
 this cache does not, so its NFE is the references' minus one.
@@ -61,20 +67,35 @@ class BlockCache(Cache):
         if ctx.extra.get(FULL, False):
             return self.step(ctx, x, block_start, block_end)
         written = ctx.extra.get(WRITTEN, 0)
-        if written < block_start:  # the prefill, or the block that just finished
-            ctx.model.forward(
-                x[:, written:block_start],  # (B, S)
+        grid = ctx.model.attention.block_grid_start(block_start)  # a sub-block's own block
+        shift = ctx.model.logits_shift
+        if written < grid:  # the prefill, or the block that just finished
+            # a request for just the rows the written span predicts (a shifted model's
+            # greedy block head): this forward's last rows are the logits, no step follows
+            head = block_start == grid and block_end - block_start <= shift <= grid - written
+            lo = grid - written - shift
+            ctx.extra[WRITTEN] = grid
+            out = ctx.model.forward(
+                x[:, written:grid],  # (B, S)
                 start=written,
                 kv=ctx.kv,
                 attention_mask=ctx.attention_mask,
-                position_ids=ctx.position_ids[:, written:block_start],
-                logits_rows=(0, 0),  # K/V only: no row goes through the head
+                position_ids=ctx.position_ids[:, written:grid],
+                # K/V only (no row goes through the head), or the head's rows
+                logits_rows=(lo, lo + block_end - block_start) if head else (0, 0),
             )
-            ctx.extra[WRITTEN] = block_start
+            if head:
+                return out  # (B, L, V)
         return self.step(ctx, x, block_start, block_end)
 
     def step(self, ctx, x, block_start, block_end):
         if ctx.extra.get(FULL, False):
             return block_logits(ctx, x, 0, x.shape[1], block_start, block_end, use_kv=False)
-        s = block_start - ctx.model.logits_shift
-        return block_logits(ctx, x, s, block_end, block_start, block_end, use_kv=True)
+        # the whole attention block(s) holding [block_start, block_end) (a sub-block sees
+        # the rest of its block, later sub-blocks as masks), and one row before for a
+        # shifted model
+        pattern = ctx.model.attention
+        size = pattern.block_size
+        s = max(pattern.block_grid_start(block_start) - ctx.model.logits_shift, 0)
+        e = min(max(block_end, -(-block_end // size) * size), x.shape[1])
+        return block_logits(ctx, x, s, e, block_start, block_end, use_kv=True)

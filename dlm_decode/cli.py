@@ -169,10 +169,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     step's canvas; ``--live``: the response redrawn as it decodes; ``--html``: the trace
     viewer page)."""
     html = check_writable(args.html, "--html") if args.html else None  # before any work
+    images = [Path(p) for p in args.image]
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise CLIError(f"--image {missing[0]!r} is not a file; give the path of a PNG or JPEG")
     settings = decode_settings(args, trace=args.trace or html is not None)
     model = _load(args)
-    chat = None if args.chat == "auto" else args.chat == "yes"
-    ids = encode_prompts(model, [args.prompt], chat=chat)
+    if images:
+        if not hasattr(model, "chat_prompt"):
+            raise CLIError(
+                f"--image needs a multimodal model (llada_v); {args.model!r} is a "
+                f"{type(model).__name__}, which takes text only"
+            )
+        ids: Any = [model.chat_prompt(args.prompt, images=images)]
+    else:
+        chat = None if args.chat == "auto" else args.chat == "yes"
+        ids = encode_prompts(model, [args.prompt], chat=chat)
     text_of = TokenText(model.tokenizer, model.eos_token_ids)
     cfg = settings.config
     live = LiveView(sys.stdout, cfg.gen_length, cfg.block_length, text_of) if args.live else None
@@ -449,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the trace viewer (one self-contained HTML file) here; implies tracing",
     )
     sp.add_argument("--chat", choices=["auto", "yes", "no"], default="auto")
+    sp.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image for the prompt (repeatable; needs a multimodal model such as llada_v)",
+    )
     sp.add_argument("prompt")
     sp.set_defaults(func=cmd_generate)
 

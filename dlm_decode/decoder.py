@@ -595,11 +595,14 @@ class Decoder:
         )
         grid = getattr(model, "attention", None)
         size = getattr(grid, "block_size", None)
-        if size is not None and self.config.block_length % size:
+        bl = self.config.block_length
+        # a divisor of the attention block: sub-blocks (Fast-dLLM v2 decodes its blocks of
+        # 32 as sub-blocks of 8), aligned to the model's grid like whole blocks
+        if size is not None and bl % size and size % bl:
             raise ValueError(
-                f"block_length={self.config.block_length} is not a multiple of the block size "
-                f"{size} of the block-causal model {type(model).__name__}; use block_length="
-                f"{max(1, self.config.block_length // size) * size}"
+                f"block_length={bl} is not a multiple of the block size "
+                f"{size} of the block-causal model {type(model).__name__}, nor a divisor of it "
+                f"(sub-blocks); use block_length={max(1, bl // size) * size}"
             )
 
     def block_layout(self, prompt_length: int) -> tuple[int, int, int]:
@@ -612,6 +615,10 @@ class Decoder:
         decoded together with the first generated positions (its prompt tokens stay
         fixed), and the last block ends on the grid; the buffer may hold up to
         ``block_length − 1`` positions past ``P + gen_length``, which the result drops.
+        A ``block_length`` that divides ``m`` decodes each attention block as sub-blocks
+        of ``block_length`` (Fast-dLLM v2's ``batch_sample``), on the same grid: a
+        sub-block holding only prompt tokens is skipped, every forward still runs the
+        whole attention block (its later sub-blocks as mask tokens).
 
         Args:
             prompt_length: ``P``.
@@ -686,10 +693,46 @@ class Decoder:
         run.x_before.copy_(run.x)
         run.ctx.refresh_flag.zero_()
         call = self.cache.refresh if refresh else self.cache.step
-        logits = call(run.ctx, run.x, bs, be)  # (B, L, V)
+        # a block-causal shifted model's first block may start at 0, whose logit no row
+        # predicts; the cache is asked from position `lo`, and the leading rows copy the
+        # first one, as batch_sample does (they are prompt tokens: P ≥ shift, never masked)
+        lo = max(bs, self.model.logits_shift)
+        logits = call(run.ctx, run.x, lo, be)  # (B, L - (lo - bs), V)
         run.x_written.copy_((run.x != run.x_before).any())
-        self._check_logits(logits, run.x.shape[0], be - bs, "refresh" if refresh else "step")
+        self._check_logits(logits, run.x.shape[0], be - lo, "refresh" if refresh else "step")
+        if lo > bs:
+            logits = torch.cat([logits[:, :1].expand(-1, lo - bs, -1), logits], 1)  # (B, L, V)
         return logits
+
+    def _greedy_block_head(self, run: DecodeRun, b: int, bs: int, nfe: int) -> torch.Tensor:
+        """Commit position ``bs`` (the first of an attention block) to the argmax of its
+        logit, the previous attention block's last row, in one forward of its own: what a
+        model with ``block_head_greedy`` asks for (Fast-dLLM v2's ``batch_sample``).
+
+        Its forward and positions are counted with the block's first step (the ``block``
+        cache fuses it with the write of the finished block's K/V).
+
+        Returns:
+            ``(B,)`` long, 1 where a row's position ``bs`` was committed.
+        """
+        run.ctx.step = CacheStep(
+            block_index=b,
+            step=0,
+            forward_index=nfe,
+            block_start=bs,
+            block_end=bs + 1,
+            refresh_requested=False,
+            last_commit=None,
+            last_edit=None,
+            last_remask=None,
+        )
+        logits = self._cache_call(run, True, bs, bs + 1)[:, 0].clone()  # (B, V)
+        mask_id = self.model.mask_token_id
+        logits[:, mask_id] = float("-inf")  # never commit the mask token (as the signals)
+        col = run.x[:, bs]  # (B,) view
+        masked = col == mask_id  # (B,)
+        col.copy_(torch.where(masked, logits.argmax(-1), col))
+        return masked.long()
 
     def _check_logits(self, logits: Any, bsz: int, length: int, call: str) -> None:
         """The cache returned a ``(B, L, V)`` floating tensor on the model's device
@@ -901,10 +944,23 @@ class Decoder:
                 f"{type(self).__name__} allocated {run.x.shape[1]} positions, but the "
                 f"block-causal model needs {total} (blocks aligned to its grid); use Decoder"
             )
+        grid_size = getattr(getattr(model, "attention", None), "block_size", None)
+        head_greedy = bool(getattr(model, "block_head_greedy", False)) and grid_size is not None
         for b in range(n_blocks):
             bs, be = first + b * bl, first + (b + 1) * bl
+            head = None
+            if (
+                head_greedy
+                and bs % grid_size == 0
+                and bs >= model.logits_shift
+                and bool((run.x[:, bs] == model.mask_token_id).any())
+            ):
+                head = self._greedy_block_head(run, b, bs, nfe)
             m0 = (run.x[:, bs:be] == model.mask_token_id).sum(-1)  # (B,)
             if not bool(m0.any()):  # rows finished by early stop
+                if head is not None:  # the head's forward, with no step to count it
+                    run.ctx.model.reset()
+                    nfe += max(1, run.ctx.model.last_forwards)
                 continue
             self._begin_block(run, bs, be)
             step = 0
@@ -960,7 +1016,7 @@ class Decoder:
                         trace.append(rec)
                     if on_step is not None:
                         on_step(rec)
-                counts.append(out.count)
+                counts.append(out.count if head is None or step else out.count + head)
                 edits.append(out.edits)
                 remasks.append(out.remasks)
                 step_blocks.append(b)

@@ -140,6 +140,11 @@ CLI_ROWS: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("bench-repeats-zero", lambda t: ["bench", "--repeats", "0"], "--repeats: must be a positive"),
     ("bench-warmup-negative", lambda t: ["bench", "--warmup", "-1"], "--warmup"),
     ("bench-prompt-zero", lambda t: ["bench", "--prompt-length", "0"], "--prompt-length"),
+    (
+        "image-missing",
+        lambda t: ["generate", "--image", str(t / "nope.png"), "what is this?"],
+        "--image",
+    ),
     ("unknown-policy", lambda t: ["generate", "--policy", "nosuch", "x"], "nosuch"),
     ("unknown-option", lambda t: ["eval", "--limt", "3"], "unrecognized arguments: --limt"),
 ]
@@ -389,3 +394,15 @@ def test_bench_says_when_a_length_stretches_the_random_weights(
     assert len(err) == 1 and "100000 positions exceed llada-tiny's" in err[0], err
     bench.arch_config("llada-tiny", 16)
     assert capsys.readouterr().err == ""  # a length that fits says nothing
+
+
+def test_image_with_a_text_model_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(img)
+    rc, _, err = run_cli(["generate", "--image", str(img), "what is this?"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--image needs a multimodal model (llada_v)" in err

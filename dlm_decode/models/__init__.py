@@ -2,7 +2,9 @@
 
 * [`LLaDAModel`][dlm_decode.models.llada.LLaDAModel] (``llada``),
   [`DreamModel`][dlm_decode.models.dream.DreamModel] (``dream``) and the block-diffusion
-  [`SDARModel`][dlm_decode.models.sdar.SDARModel] (``sdar``): native PyTorch
+  [`SDARModel`][dlm_decode.models.sdar.SDARModel] (``sdar``) and
+  [`FastDLLMv2Model`][dlm_decode.models.fast_dllm_v2.FastDLLMv2Model] (``fast_dllm_v2``):
+  native PyTorch
   implementations over one shared transformer
   ([`dlm_decode.models.transformer`][dlm_decode.models.transformer], pure ``nn`` code)
   wrapped by [`NativeModel`][dlm_decode.models.native.NativeModel] (checkpoints);
@@ -24,7 +26,10 @@ from collections.abc import Callable
 from dlm_decode.hookspecs import hookimpl
 from dlm_decode.models.checkpoint import CheckpointError, ConfigError
 from dlm_decode.models.dream import DreamModel
+from dlm_decode.models.fast_dllm_v2 import FastDLLMv2Model
 from dlm_decode.models.llada import LLaDAModel
+from dlm_decode.models.llada2 import LLaDA2Model
+from dlm_decode.models.llada_v import LLaDAVModel
 from dlm_decode.models.loading import build_model, load_model, presets
 from dlm_decode.models.memory import (
     DecodeMemoryError,
@@ -40,7 +45,10 @@ __all__ = [
     "ConfigError",
     "DecodeMemoryError",
     "DreamModel",
+    "FastDLLMv2Model",
+    "LLaDA2Model",
     "LLaDAModel",
+    "LLaDAVModel",
     "NativeModel",
     "SDARModel",
     "available_memory_bytes",
@@ -55,7 +63,11 @@ __all__ = [
 
 @hookimpl
 def register_models(register: Callable[[type], None]) -> None:
-    """Register the built-in architectures ``llada``, ``dream`` and ``sdar``."""
+    """Register the built-in architectures ``llada``, ``dream``, ``sdar``, ``llada_v`` and
+    ``fast_dllm_v2``."""
     register(LLaDAModel)
     register(DreamModel)
     register(SDARModel)
+    register(LLaDA2Model)  # llada2_moe
+    register(LLaDAVModel)
+    register(FastDLLMv2Model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -248,6 +248,10 @@ class NativeModel(Model):
     #: transformers tokenizer classes to try when ``AutoTokenizer`` cannot load the folder
     #: without remote code.
     tokenizer_fallbacks: ClassVar[tuple[str, ...]] = ()
+    #: The ``nn.Module`` class built from the spec, ``module_class(spec, dtype)``; a family
+    #: whose blocks differ from the shared ones (e.g. ``llada2_moe``'s mixture of experts)
+    #: names its own.
+    module_class: ClassVar[Callable[..., nn.Module]] = Transformer
 
     def __init__(
         self,
@@ -293,7 +297,7 @@ class NativeModel(Model):
                 parameter names from; default a fresh ``meta`` one.
         """
         if module is None:
-            module = _meta_module(spec)
+            module = _meta_module(spec, None, cls.module_class)
         out = {}
         for name in module.state_dict():
             mod, param = name.rsplit(".", 1)
@@ -353,7 +357,7 @@ class NativeModel(Model):
         spec = cls.spec_from_config(config)
         device = torch.device(device)
         dtype = resolve_dtype(dtype, config, device)
-        module = _meta_module(spec, dtype)  # the one module of this load
+        module = _meta_module(spec, dtype, cls.module_class)  # the one module of this load
         names = cls.weight_name_map(spec, module)
         shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         tensors = read_weights(
@@ -400,7 +404,7 @@ class NativeModel(Model):
         spec = cls.spec_from_config(config)
         device = torch.device(device)
         dtype = resolve_dtype(dtype, config, device)
-        module = _meta_module(spec, dtype)
+        module = _meta_module(spec, dtype, cls.module_class)
         module.requires_grad_(False).eval()
         if device.type == "meta":  # shapes only (planning, parameter counts)
             return cls(module, config)
@@ -516,8 +520,12 @@ class NativeModel(Model):
         )
 
 
-def _meta_module(spec: ArchSpec, dtype: torch.dtype | None = None) -> Transformer:
-    """A [`Transformer`][dlm_decode.models.transformer.Transformer] of ``spec`` on the
-    ``meta`` device (shapes, no storage)."""
+def _meta_module(
+    spec: ArchSpec,
+    dtype: torch.dtype | None = None,
+    module_class: Callable[..., nn.Module] = Transformer,
+) -> Transformer:
+    """A [`Transformer`][dlm_decode.models.transformer.Transformer] (or ``module_class``)
+    of ``spec`` on the ``meta`` device (shapes, no storage)."""
     with torch.device("meta"):
-        return Transformer(spec, dtype)
+        return module_class(spec, dtype)

@@ -68,9 +68,38 @@ _ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
         "max_length": ("max_position_embeddings",),
         "block_size": ("block_size",),
     },
+    "fast_dllm_v2": {
+        "vocab_size": ("vocab_size",),
+        "d_model": ("hidden_size",),
+        "n_layers": ("num_hidden_layers",),
+        "n_heads": ("num_attention_heads",),
+        "n_kv_heads": ("num_key_value_heads",),
+        "d_ff": ("intermediate_size",),
+        "max_length": ("max_position_embeddings",),
+        "block_size": ("bd_size",),
+    },
+    "llada2_moe": {
+        "vocab_size": ("vocab_size",),
+        "d_model": ("hidden_size",),
+        "n_layers": ("num_hidden_layers",),
+        "n_heads": ("num_attention_heads",),
+        "n_kv_heads": ("num_key_value_heads",),
+        "head_dim": ("head_dim",),
+        "d_ff": ("intermediate_size",),
+        "max_length": ("max_position_embeddings",),
+        "block_size": ("block_size",),
+    },
 }
 #: The full-size preset of each architecture, whose keys ``tiny_config`` also accepts.
-_FULL_PRESETS = {"llada": "llada-8b", "dream": "dream-7b", "sdar": "sdar-4b"}
+_FULL_PRESETS = {
+    "llada": "llada-8b",
+    "dream": "dream-7b",
+    "sdar": "sdar-4b",
+    "fast_dllm_v2": "fast-dllm-v2-7b",
+    "llada2_moe": "llada2-mini",
+}
+#: Tiny presets whose name is not ``f"{arch}-tiny"``.
+_TINY_PRESETS = {"fast_dllm_v2": "fast-dllm-v2-tiny", "llada2_moe": "llada2-tiny"}
 _DTYPE_NAMES = {
     torch.float32: "float32",
     torch.bfloat16: "bfloat16",
@@ -83,14 +112,16 @@ def tiny_config(arch: str = "llada", **dims: Any) -> dict[str, Any]:
     """A tiny ``config.json`` dict for ``arch`` with the real key names.
 
     Defaults: vocabulary 128 (mask id 127, EOS = pad = 1), ``d_model`` 32, 2 layers, 4 heads
-    (Dream, SDAR: 2 key/value heads), MLP 64, max length 512; SDAR: head dim 16 and
-    block size 4.
+    (Dream, SDAR, Fast-dLLM v2: 2 key/value heads), MLP 64, max length 512; SDAR: head
+    dim 16 and block size 4; Fast-dLLM v2: ``bd_size`` 32.
 
     Args:
-        arch: ``"llada"``, ``"dream"`` or ``"sdar"``.
+        arch: ``"llada"``, ``"dream"``, ``"sdar"``, ``"fast_dllm_v2"`` or ``"llada2_moe"``
+            (the ``llada2-tiny`` preset: 3 layers, 8 experts, block size 4).
         **dims: overrides, either architecture-neutral (``vocab_size``, ``d_model``,
             ``n_layers``, ``n_heads``, ``n_kv_heads``, ``d_ff``, ``max_length``; SDAR also
-            ``head_dim`` and ``block_size``) or any
+            ``head_dim`` and ``block_size``; Fast-dLLM v2 ``block_size``, its
+            ``bd_size``) or any
             key of the architecture's ``config.json`` (``rope_theta``, ``mask_token_id``,
             ``num_hidden_layers``, …). Changing ``vocab_size`` moves the default mask id
             to ``vocab_size - 1`` unless ``mask_token_id`` is given.
@@ -100,7 +131,7 @@ def tiny_config(arch: str = "llada", **dims: Any) -> dict[str, Any]:
     """
     if arch not in _ALIASES:
         raise ValueError(f"unknown arch {arch!r}; use one of {', '.join(sorted(_ALIASES))}")
-    config = preset_config(f"{arch}-tiny")
+    config = preset_config(_TINY_PRESETS.get(arch, f"{arch}-tiny"))
     aliases = _ALIASES[arch]
     if "vocab_size" in dims and "mask_token_id" not in dims:
         dims["mask_token_id"] = int(dims["vocab_size"]) - 1
@@ -156,7 +187,8 @@ def write_random_checkpoint(
 
     Args:
         path: folder to create (may exist).
-        arch: ``"llada"``, ``"dream"`` or ``"sdar"``.
+        arch: ``"llada"``, ``"dream"``, ``"sdar"``, ``"fast_dllm_v2"`` or ``"llada2_moe"``
+            (the ``llada2-tiny`` preset: 3 layers, 8 experts, block size 4).
         seed: seed of the weights.
         shards: number of safetensors files.
         dtype: dtype the weights are stored in.
