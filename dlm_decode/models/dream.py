@@ -21,7 +21,7 @@ from dlm_decode.models.native import (
 )
 from dlm_decode.models.transformer import ArchSpec
 
-__all__ = ["DREAM_BLOCK_CONFIG", "DreamModel"]
+__all__ = ["DREAM_BLOCK_CONFIG", "DreamModel", "qwen2_spec"]
 
 #: The block-level keys of a Dream ``config.json`` the native model supports, with
 #: Dream-7B's values: shared by the ``dream-7b`` and ``dream-tiny`` presets.
@@ -33,6 +33,58 @@ DREAM_BLOCK_CONFIG: dict[str, Any] = {
     "rope_scaling": None,
     "use_sliding_window": False,
 }
+
+
+def qwen2_spec(
+    config: Mapping[str, Any], arch: str, *, max_length_default: int, **extra: Any
+) -> ArchSpec:
+    """The [`ArchSpec`][dlm_decode.models.transformer.ArchSpec] of a Qwen2-layout
+    ``config.json`` (QKV bias, SiLU, GQA): Dream's, and Fast-dLLM v2's with its block size.
+
+    Args:
+        config: the ``config.json`` dict.
+        arch: the family's name in messages.
+        max_length_default: ``max_position_embeddings`` when the config has none.
+        **extra: further ``ArchSpec`` fields (``block_size``).
+
+    Raises:
+        ConfigError: a missing or ill-typed size, a token id out of range, or sizes that
+            do not fit together (one line naming the key, the value and the fix).
+        ValueError: RoPE scaling, sliding-window attention or an activation other than
+            SiLU is requested (not implemented).
+    """
+    if config.get("rope_scaling"):
+        raise ValueError(f"{arch}: rope_scaling={config['rope_scaling']!r} is unsupported")
+    if config.get("use_sliding_window"):
+        raise ValueError(f"{arch}: use_sliding_window=true is unsupported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{arch}: hidden_act={config['hidden_act']!r} is unsupported")
+    hidden = config_int(config, "hidden_size", arch)
+    n_heads = config_int(config, "num_attention_heads", arch)
+    n_kv = config_int(config, "num_key_value_heads", arch, default=n_heads)
+    check_head_layout(
+        arch,
+        ("hidden_size", hidden),
+        ("num_attention_heads", n_heads),
+        ("num_key_value_heads", n_kv),
+    )
+    vocab = config_int(config, "vocab_size", arch)
+    check_token_ids(config, arch, vocab, "vocab_size")
+    return ArchSpec(
+        d_model=hidden,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        n_layers=config_int(config, "num_hidden_layers", arch),
+        d_ff=config_int(config, "intermediate_size", arch),
+        vocab_size=vocab,
+        max_length=config_int(config, "max_position_embeddings", arch, default=max_length_default),
+        rope_theta=config_number(config, "rope_theta", arch, 1e6),
+        rms_norm_eps=config_number(config, "rms_norm_eps", arch, 1e-6),
+        qkv_bias=True,
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_full_precision=False,
+        **extra,
+    )
 
 
 class DreamModel(NativeModel):
@@ -122,35 +174,4 @@ class DreamModel(NativeModel):
             ValueError: RoPE scaling / sliding-window attention is requested (not
                 implemented).
         """
-        arch = "Dream"
-        if config.get("rope_scaling"):
-            raise ValueError(f"{arch}: rope_scaling={config['rope_scaling']!r} is unsupported")
-        if config.get("use_sliding_window"):
-            raise ValueError(f"{arch}: use_sliding_window=true is unsupported")
-        if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{arch}: hidden_act={config['hidden_act']!r} is unsupported")
-        hidden = config_int(config, "hidden_size", arch)
-        n_heads = config_int(config, "num_attention_heads", arch)
-        n_kv = config_int(config, "num_key_value_heads", arch, default=n_heads)
-        check_head_layout(
-            arch,
-            ("hidden_size", hidden),
-            ("num_attention_heads", n_heads),
-            ("num_key_value_heads", n_kv),
-        )
-        vocab = config_int(config, "vocab_size", arch)
-        check_token_ids(config, arch, vocab, "vocab_size")
-        return ArchSpec(
-            d_model=hidden,
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            n_layers=config_int(config, "num_hidden_layers", arch),
-            d_ff=config_int(config, "intermediate_size", arch),
-            vocab_size=vocab,
-            max_length=config_int(config, "max_position_embeddings", arch, default=131072),
-            rope_theta=config_number(config, "rope_theta", arch, 1e6),
-            rms_norm_eps=config_number(config, "rms_norm_eps", arch, 1e-6),
-            qkv_bias=True,
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            rope_full_precision=False,
-        )
+        return qwen2_spec(config, "Dream", max_length_default=131072)

@@ -22,12 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from dlm_decode.models.dream import qwen2_spec
 from dlm_decode.models.native import (
     NativeModel,
-    check_head_layout,
-    check_token_ids,
     config_int,
-    config_number,
 )
 from dlm_decode.models.sdar import QWEN_LAYER_NAMES
 from dlm_decode.models.transformer import ArchSpec
@@ -149,36 +147,10 @@ class FastDLLMv2Model(NativeModel):
                 than SiLU is requested (not implemented).
         """
         arch = "Fast-dLLM v2"
-        if config.get("rope_scaling"):
-            raise ValueError(f"{arch}: rope_scaling={config['rope_scaling']!r} is unsupported")
-        if config.get("use_sliding_window"):
-            raise ValueError(f"{arch}: use_sliding_window=true is unsupported")
-        if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{arch}: hidden_act={config['hidden_act']!r} is unsupported")
-        hidden = config_int(config, "hidden_size", arch)
-        n_heads = config_int(config, "num_attention_heads", arch)
-        n_kv = config_int(config, "num_key_value_heads", arch, default=n_heads)
-        check_head_layout(
+        return qwen2_spec(
+            config,
             arch,
-            ("hidden_size", hidden),
-            ("num_attention_heads", n_heads),
-            ("num_key_value_heads", n_kv),
-        )
-        vocab = config_int(config, "vocab_size", arch)
-        check_token_ids(config, arch, vocab, "vocab_size")
-        return ArchSpec(
-            d_model=hidden,
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            n_layers=config_int(config, "num_hidden_layers", arch),
-            d_ff=config_int(config, "intermediate_size", arch),
-            vocab_size=vocab,
-            max_length=config_int(config, "max_position_embeddings", arch, default=32768),
-            rope_theta=config_number(config, "rope_theta", arch, 1e6),
-            rms_norm_eps=config_number(config, "rms_norm_eps", arch, 1e-6),
-            qkv_bias=True,
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            rope_full_precision=False,
+            max_length_default=32768,
             block_size=config_int(config, "bd_size", arch, default=32),
         )
 
