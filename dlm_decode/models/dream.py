@@ -21,7 +21,13 @@ from dlm_decode.models.native import (
 )
 from dlm_decode.models.transformer import ArchSpec
 
-__all__ = ["DREAM_BLOCK_CONFIG", "DreamModel", "qwen2_spec"]
+__all__ = [
+    "DREAM_BLOCK_CONFIG",
+    "QWEN2_LAYER_NAMES",
+    "DreamModel",
+    "QwenNativeModel",
+    "qwen2_spec",
+]
 
 #: The block-level keys of a Dream ``config.json`` the native model supports, with
 #: Dream-7B's values: shared by the ``dream-7b`` and ``dream-tiny`` presets.
@@ -87,7 +93,43 @@ def qwen2_spec(
     )
 
 
-class DreamModel(NativeModel):
+#: Checkpoint names of a block's submodules in the Qwen2 layout (Dream, Fast-dLLM v2;
+#: SDAR's Qwen3 layout adds the per-head q/k norms).
+QWEN2_LAYER_NAMES: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.o_proj",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.down": "mlp.down_proj",
+}
+
+
+class QwenNativeModel(NativeModel):
+    """The checkpoint layout the Qwen-based families share (Dream, SDAR, Fast-dLLM v2).
+
+    HF names under ``model.layers.{i}.`` with
+    [`QWEN2_LAYER_NAMES`][dlm_decode.models.dream.QWEN2_LAYER_NAMES], ``<|im_end|>`` as
+    end of turn (151645 beside ``<|endoftext|>`` 151643) and transformers'
+    ``Qwen2Tokenizer`` classes. Subclasses add the config reader and presets.
+    """
+
+    global_names: ClassVar[Mapping[str, str]] = {
+        "embed": "model.embed_tokens",
+        "norm": "model.norm",
+        "head": "lm_head",
+    }
+    layer_prefix: ClassVar[str] = "model.layers.{i}."
+    layer_names: ClassVar[Mapping[str, str]] = QWEN2_LAYER_NAMES
+    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
+    known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {151643: 151645}
+    tokenizer_fallbacks: ClassVar[tuple[str, ...]] = ("Qwen2TokenizerFast", "Qwen2Tokenizer")
+
+
+class DreamModel(QwenNativeModel):
     """Native Dream (bidirectional Qwen2-style mask predictor with shifted logits).
 
     EOS ids are the config's ``eos_token_id`` (151643, ``<|endoftext|>``) plus the
@@ -101,26 +143,6 @@ class DreamModel(NativeModel):
     config_model_types: ClassVar[tuple[str, ...]] = ("Dream", "dream")
     logits_shift = 1
 
-    global_names: ClassVar[Mapping[str, str]] = {
-        "embed": "model.embed_tokens",
-        "norm": "model.norm",
-        "head": "lm_head",
-    }
-    layer_prefix: ClassVar[str] = "model.layers.{i}."
-    layer_names: ClassVar[Mapping[str, str]] = {
-        "attn_norm": "input_layernorm",
-        "attn.q": "self_attn.q_proj",
-        "attn.k": "self_attn.k_proj",
-        "attn.v": "self_attn.v_proj",
-        "attn.o": "self_attn.o_proj",
-        "mlp_norm": "post_attention_layernorm",
-        "mlp.gate": "mlp.gate_proj",
-        "mlp.up": "mlp.up_proj",
-        "mlp.down": "mlp.down_proj",
-    }
-    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
-    known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {151643: 151645}
-    tokenizer_fallbacks: ClassVar[tuple[str, ...]] = ("Qwen2TokenizerFast", "Qwen2Tokenizer")
     #: ``dream-7b``: the released Dream-7B shape; ``dream-tiny``: a tiny random model.
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "dream-7b": {

@@ -22,12 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from dlm_decode.models.dream import qwen2_spec
+from dlm_decode.models.dream import QwenNativeModel, qwen2_spec
 from dlm_decode.models.native import (
-    NativeModel,
     config_int,
 )
-from dlm_decode.models.sdar import QWEN_LAYER_NAMES
 from dlm_decode.models.transformer import ArchSpec
 
 __all__ = ["FAST_DLLM_V2_BLOCK_CONFIG", "FAST_DLLM_V2_MASK_ID", "FastDLLMv2Model"]
@@ -52,12 +50,9 @@ FAST_DLLM_V2_BLOCK_CONFIG: dict[str, Any] = {
 }
 
 #: Qwen2 layout: the Qwen3 names without the per-head q/k norms.
-_QWEN2_LAYER_NAMES: dict[str, str] = {
-    k: v for k, v in QWEN_LAYER_NAMES.items() if k not in ("attn.q_norm", "attn.k_norm")
-}
 
 
-class FastDLLMv2Model(NativeModel):
+class FastDLLMv2Model(QwenNativeModel):
     """Native Fast-dLLM v2 (block-causal Qwen2.5-style mask predictor, shifted logits).
 
     ``attention`` is block-causal with the config's ``bd_size``. Decode with
@@ -83,16 +78,6 @@ class FastDLLMv2Model(NativeModel):
     logits_shift = 1
     block_head_greedy: ClassVar[bool] = True
 
-    global_names: ClassVar[Mapping[str, str]] = {
-        "embed": "model.embed_tokens",
-        "norm": "model.norm",
-        "head": "lm_head",
-    }
-    layer_prefix: ClassVar[str] = "model.layers.{i}."
-    layer_names: ClassVar[Mapping[str, str]] = _QWEN2_LAYER_NAMES
-    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
-    known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {151643: 151645}
-    tokenizer_fallbacks: ClassVar[tuple[str, ...]] = ("Qwen2TokenizerFast", "Qwen2Tokenizer")
     #: ``fast-dllm-v2-7b``: the released Fast_dLLM_v2_7B shape (random weights for the GPU
     #: bench); ``fast-dllm-v2-tiny``: a tiny random model for tests (the released
     #: ``bd_size`` 32).

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from dlm_decode.models.checkpoint import ConfigError
+from dlm_decode.models.dream import QWEN2_LAYER_NAMES, QwenNativeModel
 from dlm_decode.models.native import (
-    NativeModel,
     check_token_ids,
     config_int,
     config_number,
@@ -37,19 +37,12 @@ SDAR_BLOCK_CONFIG: dict[str, Any] = {
     "use_sliding_window": False,
 }
 
-#: Checkpoint names of a block's submodules in the Qwen2/Qwen3 layout.
+#: Checkpoint names of a block's submodules in the Qwen3 layout: Qwen2's plus the
+#: per-head q/k norms.
 QWEN_LAYER_NAMES: dict[str, str] = {
-    "attn_norm": "input_layernorm",
-    "attn.q": "self_attn.q_proj",
-    "attn.k": "self_attn.k_proj",
-    "attn.v": "self_attn.v_proj",
-    "attn.o": "self_attn.o_proj",
+    **QWEN2_LAYER_NAMES,
     "attn.q_norm": "self_attn.q_norm",
     "attn.k_norm": "self_attn.k_norm",
-    "mlp_norm": "post_attention_layernorm",
-    "mlp.gate": "mlp.gate_proj",
-    "mlp.up": "mlp.up_proj",
-    "mlp.down": "mlp.down_proj",
 }
 
 
@@ -88,7 +81,7 @@ def qwen_head_layout(config: Mapping[str, Any], arch: str) -> tuple[int, int, in
     return hidden, n_heads, n_kv, head_dim
 
 
-class SDARModel(NativeModel):
+class SDARModel(QwenNativeModel):
     """Native SDAR (block-causal Qwen3-style mask predictor, unshifted logits).
 
     ``attention`` is block-causal with the config's ``block_size``; decode with a
@@ -104,16 +97,7 @@ class SDARModel(NativeModel):
     config_model_types: ClassVar[tuple[str, ...]] = ("sdar",)
     logits_shift = 0
 
-    global_names: ClassVar[Mapping[str, str]] = {
-        "embed": "model.embed_tokens",
-        "norm": "model.norm",
-        "head": "lm_head",
-    }
-    layer_prefix: ClassVar[str] = "model.layers.{i}."
     layer_names: ClassVar[Mapping[str, str]] = QWEN_LAYER_NAMES
-    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
-    known_end_of_turn_ids: ClassVar[Mapping[int, int]] = {151643: 151645}
-    tokenizer_fallbacks: ClassVar[tuple[str, ...]] = ("Qwen2TokenizerFast", "Qwen2Tokenizer")
     #: ``sdar-4b`` / ``sdar-8b``: the released SDAR-4B/8B-Chat shapes (random weights for the
     #: GPU bench); ``sdar-tiny``: a tiny random model for tests (``head_dim`` 16, not
     #: ``hidden / heads`` = 8, as in Qwen3).
