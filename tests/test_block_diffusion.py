@@ -17,6 +17,7 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from block_support import block_mask, install_stub_modules, random_ids, sharpen
 
 import dlm_decode
 from dlm_decode.decoder import Decoder
@@ -40,19 +41,7 @@ def sdar64(tmp_path_factory) -> SDARModel:
     path = write_random_checkpoint(tmp_path_factory.mktemp("sdar"), "sdar", seed=3)
     model = load_model(path, dtype=torch.float64)
     assert isinstance(model, SDARModel)
-    for name, weight in model.module.named_parameters():
-        if "norm" not in name:
-            weight.mul_(10.0)
-    return model
-
-
-def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(2, 126, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _block_mask(t: int, size: int) -> torch.Tensor:
-    blk = torch.arange(t) // size
-    return blk[None, :] <= blk[:, None]  # (T, T) query × key
+    return sharpen(model)
 
 
 class Leftmost(CommitPolicy):
@@ -84,7 +73,7 @@ def test_attention_pattern_property_and_validation(sdar64):
 
 
 def test_block_causal_logits_ignore_later_blocks_and_see_their_own(sdar64):
-    ids = _ids(12)
+    ids = random_ids(12)
     base = sdar64.logits(ids)
     later = ids.clone()
     later[0, 9] = (later[0, 9] + 1) % 120 + 2  # a token of block 2
@@ -96,7 +85,7 @@ def test_block_causal_logits_ignore_later_blocks_and_see_their_own(sdar64):
 
 def test_kv_span_forward_equals_full_forward_under_block_causal_mask(sdar64):
     """A query block attends to the cached earlier blocks and to itself."""
-    ids = _ids(12, seed=1)
+    ids = random_ids(12, seed=1)
     full = sdar64.forward(ids)
     kv = sdar64.new_kv(1, 12)
     sdar64.forward(ids[:, :8], start=0, kv=kv, logits_rows=(0, 0))  # prefill blocks 0, 1
@@ -163,8 +152,8 @@ def test_sdar_matches_transformers_qwen3_with_block_causal_mask(sdar64):
     ref.load_state_dict(
         {k: v.clone() for k, v in sdar64.checkpoint_state_dict().items()}, strict=True
     )
-    ids = _ids(11, seed=2, batch=2)
-    mask = _block_mask(11, 4)[None, None].expand(2, 1, 11, 11)
+    ids = random_ids(11, seed=2, batch=2)
+    mask = block_mask(11, 4)[None, None].expand(2, 1, 11, 11)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
         causal = ref(input_ids=ids).logits
@@ -256,13 +245,10 @@ def _install_sdar_shims() -> tuple[types.ModuleType, typing.Callable[[], None]]:
         "sdar_ref.fused_linear_diffusion_cross_entropy"
     ].FusedLinearDiffusionCrossEntropyLoss = object
     packages = {"flash_attn", "flash_attn.ops", "flash_attn.ops.triton", "sdar_ref"}
-    for name, mod in mods.items():
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name in packages)
-        if name == "transformers.modeling_attn_mask_utils" and importlib.util.find_spec(name):
-            continue  # transformers 4 still has it
-        if name not in sys.modules:
-            sys.modules[name] = mod
-            undo.append(lambda name=name: sys.modules.pop(name, None))
+    # transformers 4 still has modeling_attn_mask_utils
+    install_stub_modules(
+        mods, packages, undo, prefer_real={"transformers.modeling_attn_mask_utils"}
+    )
     try:
         modeling = importlib.import_module("sdar_ref.modeling_sdar")
         from sdar_ref.configuration_sdar import SDARConfig
@@ -318,8 +304,8 @@ def sdar_ref(sdar64):
 @needs_shared
 def test_sdar_matches_the_authors_modeling_code(sdar64, sdar_ref):
     ref, _ = sdar_ref
-    ids = _ids(12, seed=4)
-    mask = _block_mask(12, 4)[None]  # (1, T, T), as generate.py passes it
+    ids = random_ids(12, seed=4)
+    mask = block_mask(12, 4)[None]  # (1, T, T), as generate.py passes it
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, position_ids=torch.arange(12)[None]).logits
     # the authors' RoPE runs in float32
@@ -342,7 +328,7 @@ def test_greedy_sequential_decode_equals_sdar_generate(
     ref, gen_mod = sdar_ref
     model = sdar64 if block == 4 else _with_block_size(sdar64, block)
     ref.config.block_size = block
-    prompt = _ids(prompt_len, seed=prompt_len)
+    prompt = random_ids(prompt_len, seed=prompt_len)
     want = gen_mod.block_diffusion_generate(
         ref,
         {"input_ids": prompt},
@@ -388,7 +374,7 @@ def test_one_step_blocks_equal_sdar_generate_dynamic_topk1(sdar64, sdar_ref):
     whole block per step: ``fixed`` with one step per block does the same."""
     ref, gen_mod = sdar_ref
     ref.config.block_size = 4
-    prompt = _ids(6, seed=11)
+    prompt = random_ids(6, seed=11)
     want = gen_mod.block_diffusion_generate(
         ref, {"input_ids": prompt}, mask_id=127, gen_length=10, block_length=4, top_k=1
     )
@@ -427,7 +413,7 @@ def test_block_layout_aligns_to_the_grid_and_keeps_full_attention_unchanged(sdar
 
 
 def test_partial_prompt_block_keeps_prompt_tokens_and_result_shape(sdar64):
-    prompt = _ids(6, seed=5)
+    prompt = random_ids(6, seed=5)
     out = dlm_decode.generate(
         sdar64, prompt, policy="threshold", gen_length=8, block_length=4, early_stop=False
     )
@@ -438,7 +424,7 @@ def test_partial_prompt_block_keeps_prompt_tokens_and_result_shape(sdar64):
 
 @pytest.mark.parametrize("policy", ["threshold", "frechet", "fixed"])
 def test_block_cache_is_exact_and_counts_its_write_forwards(sdar64, policy):
-    prompts = [_ids(n, seed=n)[0] for n in (9, 5, 13)]  # pads 4, 8, 0: all on the grid
+    prompts = [random_ids(n, seed=n)[0] for n in (9, 5, 13)]  # pads 4, 8, 0: all on the grid
     kw = dict(policy=policy, gen_length=12, block_length=4, early_stop=False)
     if policy == "fixed":
         kw["steps"] = 6
@@ -460,7 +446,7 @@ def test_block_cache_is_exact_and_counts_its_write_forwards(sdar64, policy):
 def test_dual_and_prefix_are_exact_on_a_block_causal_model(sdar64):
     """The model applies its mask in every forward, so the K/V the full-attention caches
     reuse are those of finished blocks: exact, at a full refresh per block."""
-    prompts = [_ids(n, seed=n)[0] for n in (7, 10)]
+    prompts = [random_ids(n, seed=n)[0] for n in (7, 10)]
     kw = dict(policy="threshold", gen_length=12, block_length=4, early_stop=False)
     base = dlm_decode.generate(sdar64, prompts, cache="none", **kw).sequences
     for cache in ("prefix", "dual", "block"):
@@ -468,7 +454,7 @@ def test_dual_and_prefix_are_exact_on_a_block_causal_model(sdar64):
 
 
 def test_ragged_row_with_grid_aligned_padding_decodes_as_alone(sdar64):
-    long, short = _ids(9, seed=1)[0], _ids(5, seed=2)[0]  # short gets 4 pads: one block
+    long, short = random_ids(9, seed=1)[0], random_ids(5, seed=2)[0]  # short gets 4 pads: one block
     kw = dict(policy="threshold", gen_length=8, block_length=4, early_stop=False, cache="block")
     both = dlm_decode.generate(sdar64, [long, short], **kw)
     alone = dlm_decode.generate(sdar64, [short], **kw)
@@ -478,7 +464,7 @@ def test_ragged_row_with_grid_aligned_padding_decodes_as_alone(sdar64):
 
 def test_block_cache_on_a_full_attention_model_is_none(tmp_path):
     model = build_model("llada-tiny", dtype=torch.float64, seed=2)
-    prompts = [_ids(n, seed=n)[0] for n in (5, 8)]
+    prompts = [random_ids(n, seed=n)[0] for n in (5, 8)]
     kw = dict(policy="threshold", gen_length=8, block_length=4)
     want = dlm_decode.generate(model, prompts, cache="none", **kw)
     got = dlm_decode.generate(model, prompts, cache="block", **kw)

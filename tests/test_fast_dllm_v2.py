@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from block_support import block_mask, install_stub_modules, random_ids, sharpen
 
 import dlm_decode
 from dlm_decode.decoder import Decoder
@@ -40,19 +41,7 @@ def fd64(tmp_path_factory) -> FastDLLMv2Model:
     path = write_random_checkpoint(tmp_path_factory.mktemp("fd2"), "fast_dllm_v2", seed=5)
     model = load_model(path, dtype=torch.float64)
     assert isinstance(model, FastDLLMv2Model)
-    for name, weight in model.module.named_parameters():
-        if "norm" not in name:
-            weight.mul_(10.0)
-    return model
-
-
-def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(2, 126, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _block_mask(t: int, size: int) -> torch.Tensor:
-    blk = torch.arange(t) // size
-    return blk[None, :] <= blk[:, None]  # (T, T) query × key
+    return sharpen(model)
 
 
 # --------------------------------------------------------------------------------------
@@ -140,8 +129,8 @@ def test_matches_transformers_qwen2_with_block_causal_mask(fd64):
         {k: v.clone() for k, v in fd64.checkpoint_state_dict().items()}, strict=True
     )
     t = 70  # three attention blocks, the last partial
-    ids = _ids(t, seed=2, batch=2)
-    mask = _block_mask(t, BD)[None, None].expand(2, 1, t, t)
+    ids = random_ids(t, seed=2, batch=2)
+    mask = block_mask(t, BD)[None, None].expand(2, 1, t, t)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
         causal = ref(input_ids=ids).logits
@@ -182,13 +171,7 @@ def _install_ref_shims() -> tuple[types.ModuleType, typing.Callable[[], None]]:
     mods = {name: types.ModuleType(name) for name in ("einops", "fd2_ref")}
     mods["einops"].rearrange = mods["einops"].repeat = None
     mods["fd2_ref"].__path__ = [str(REFS)]
-    for name, mod in mods.items():
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name == "fd2_ref")
-        if name == "einops" and importlib.util.find_spec(name):
-            continue
-        if name not in sys.modules:
-            sys.modules[name] = mod
-            undo.append(lambda name=name: sys.modules.pop(name, None))
+    install_stub_modules(mods, {"fd2_ref"}, undo, prefer_real={"einops"})
     try:
         modeling = importlib.import_module("fd2_ref.modeling")
     except Exception:
@@ -284,7 +267,7 @@ def fd_ref64(fd64, fd_ref):
     ref, batch_sample = fd_ref
     ref = copy.deepcopy(ref)
     _float64_numerics(ref)
-    ids = _ids(70, seed=4)
+    ids = random_ids(70, seed=4)
     with torch.no_grad():
         diff = (ref(input_ids=ids, block_size=BD).logits - fd64.forward(ids)).abs().max()
     assert diff < 1e-9, diff
@@ -305,7 +288,7 @@ def fd_ref64(fd64, fd_ref):
 @needs_shared
 def test_matches_the_authors_modeling_code(fd64, fd_ref):
     ref, _ = fd_ref
-    ids = _ids(70, seed=4)
+    ids = random_ids(70, seed=4)
     with torch.no_grad():
         want = ref(input_ids=ids, block_size=BD).logits  # its eval mask, block size 32
         causal_mask_free = ref(input_ids=ids, block_size=1).logits  # block 1: causal
@@ -356,7 +339,7 @@ def test_greedy_decode_equals_batch_sample(fd64, fd_ref64, cache, prompt_len, th
     grid, so the prefill's last logit gives the first generated token (the greedy head);
     P = 10: no prefill (a prompt shorter than a block)."""
     ref, batch_sample = fd_ref64
-    prompt = _ids(prompt_len, seed=prompt_len, batch=2)
+    prompt = random_ids(prompt_len, seed=prompt_len, batch=2)
     max_new = 64
     want = _batch_sample(ref, batch_sample, prompt, max_new, threshold)
     end = (prompt_len // BD + max_new // BD) * BD  # the end of batch_sample's last block
@@ -391,7 +374,7 @@ def test_greedy_decode_equals_batch_sample(fd64, fd_ref64, cache, prompt_len, th
 
 
 def test_sub_blocks_none_and_block_agree_and_divisor_check(fd64):
-    prompts = [_ids(n, seed=n)[0] for n in (37, 50)]  # ragged: left padding
+    prompts = [random_ids(n, seed=n)[0] for n in (37, 50)]  # ragged: left padding
     kw = dict(policy="threshold", gen_length=40, block_length=SUB, early_stop=False)
     none = dlm_decode.generate(fd64, prompts, cache="none", **kw)
     block = dlm_decode.generate(fd64, prompts, cache="block", **kw)
@@ -405,7 +388,7 @@ def test_sub_blocks_none_and_block_agree_and_divisor_check(fd64):
 def test_greedy_head_is_the_previous_blocks_last_logit(fd64):
     """With the head, the first position of each generated attention block is the argmax
     of the finished block's last output row, whatever the policy."""
-    prompt = _ids(64, seed=9)
+    prompt = random_ids(64, seed=9)
     out = dlm_decode.generate(
         fd64,
         prompt,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from block_support import block_mask, install_stub_modules, random_ids, sharpen
 
 import dlm_decode
 from dlm_decode.models import ConfigError, LLaDA2Model, build_model, load_model
@@ -40,19 +41,7 @@ def llada2_64(tmp_path_factory) -> LLaDA2Model:
     path = write_random_checkpoint(tmp_path_factory.mktemp("llada2"), "llada2_moe", seed=5)
     model = load_model(path, dtype=torch.float64)
     assert isinstance(model, LLaDA2Model)
-    for name, weight in model.module.named_parameters():
-        if "norm" not in name and "expert_bias" not in name:
-            weight.mul_(10.0)
-    return model
-
-
-def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(2, 126, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _block_mask(t: int, size: int) -> torch.Tensor:
-    blk = torch.arange(t) // size
-    return blk[None, :] <= blk[:, None]  # (T, T) query × key
+    return sharpen(model, keep=("norm", "expert_bias"))
 
 
 # --------------------------------------------------------------------------------------
@@ -132,13 +121,10 @@ def _install_llada2_shims() -> tuple[types.ModuleType, typing.Callable[[], None]
     mods["veomni.utils"].logging = mods["veomni.utils.logging"]
     mods["llada2_ref"].__path__ = [str(REFS)]
     packages = {"veomni", "veomni.distributed", "veomni.utils", "llada2_ref"}
-    for name, mod in mods.items():
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name in packages)
-        if name == "transformers.modeling_attn_mask_utils" and importlib.util.find_spec(name):
-            continue  # transformers 4 still has it
-        if name not in sys.modules:
-            sys.modules[name] = mod
-            undo.append(lambda name=name: sys.modules.pop(name, None))
+    # transformers 4 still has modeling_attn_mask_utils
+    install_stub_modules(
+        mods, packages, undo, prefer_real={"transformers.modeling_attn_mask_utils"}
+    )
     try:
         modeling = importlib.import_module("llada2_ref.modeling_llada2_moe")
     except Exception:
@@ -300,7 +286,7 @@ def test_write_random_checkpoint_round_trips(tmp_path):
     for name, got in model.named_parameters():
         assert torch.equal(got, theirs.pop(name)), name
     assert not theirs
-    ids = _ids(9, seed=3)
+    ids = random_ids(9, seed=3)
     torch.testing.assert_close(model.logits(ids), again.logits(ids), rtol=0, atol=1e-6)
 
 
@@ -349,8 +335,8 @@ def test_router_equals_the_authors_gate(ref_modeling, seed):
 def test_logits_equal_the_authors_modeling_code(llada2_64, llada2_ref, length):
     """The authors' SDPA path with the block-diagonal causal mask its ``generate`` builds
     (here boolean, true = attend, at the model's block size 4)."""
-    ids = _ids(length, seed=length, batch=2)
-    mask = _block_mask(length, 4)[None, None].expand(2, 1, length, length)
+    ids = random_ids(length, seed=length, batch=2)
+    mask = block_mask(length, 4)[None, None].expand(2, 1, length, length)
     with torch.no_grad():
         want = llada2_ref(
             input_ids=ids,
@@ -382,7 +368,7 @@ def test_logits_equal_the_authors_modeling_code(llada2_64, llada2_ref, length):
 
 
 def test_block_causal_logits_ignore_later_blocks(llada2_64):
-    ids = _ids(12, seed=7)
+    ids = random_ids(12, seed=7)
     base = llada2_64.logits(ids)
     later = ids.clone()
     later[0, 9] = (later[0, 9] + 1) % 120 + 2  # a token of block 2
@@ -392,7 +378,7 @@ def test_block_causal_logits_ignore_later_blocks(llada2_64):
 
 
 def test_kv_span_forward_equals_full_forward(llada2_64):
-    ids = _ids(12, seed=1, batch=2)
+    ids = random_ids(12, seed=1, batch=2)
     full = llada2_64.forward(ids)
     kv = llada2_64.new_kv(2, 12)
     llada2_64.forward(ids[:, :8], start=0, kv=kv, logits_rows=(0, 0))
@@ -406,7 +392,7 @@ def test_kv_span_forward_equals_full_forward(llada2_64):
 
 @pytest.mark.parametrize("policy", ["threshold", "fixed", "frechet"])
 def test_block_cache_decode_equals_no_cache(llada2_64, policy):
-    prompts = [_ids(n, seed=n)[0] for n in (9, 5, 13)]  # ragged: pads 4, 8, 0
+    prompts = [random_ids(n, seed=n)[0] for n in (9, 5, 13)]  # ragged: pads 4, 8, 0
     kw = dict(policy=policy, gen_length=12, block_length=4, early_stop=False)
     if policy == "fixed":
         kw["steps"] = 6
