@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -341,7 +339,9 @@ def plot_path(text: str, default_name: str = "quickstart.png") -> Path | None:
     would write anyway), so the path printed is the file written.
 
     Raises:
-        CLIError: a suffix other than ``.png``, or a location that cannot be written.
+        CLIError: a suffix other than ``.png``.
+        ValueError: a location that cannot be written
+            ([`check_writable`][dlm_decode.trace_view.check_writable]).
     """
     if not text:
         return None
@@ -352,19 +352,7 @@ def plot_path(text: str, default_name: str = "quickstart.png") -> Path | None:
         path = path.with_suffix(".png")
     elif path.suffix.lower() != ".png":
         raise CLIError(f"--plot {text!r} must be a .png file (or a folder, or '' for none)")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    try:  # a real write, since permission bits do not tell (root, /proc, read-only mounts)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-        if path.exists() and not os.access(path, os.W_OK):
-            raise PermissionError("the file is read-only")
-    except OSError as exc:
-        raise CLIError(
-            f"--plot {str(path)!r} cannot be written ({exc.strerror or exc}); pick another path"
-        ) from None
-    return path
+    return check_writable(path, "--plot")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
