@@ -190,8 +190,9 @@ class GenerationResult:
         step_blocks: ``(steps,)`` long, the block index of each step.
         timings: wall-clock seconds: ``total_s`` (and ``forward_s``/``select_s`` when
             profiled).
-        trace: per-step [`TraceStep`][dlm_decode.decoder.TraceStep] records when tracing was
-            requested.
+        trace: when tracing was requested, a [`Trace`][dlm_decode.trace_view.Trace]: the
+            list of per-step [`TraceStep`][dlm_decode.decoder.TraceStep] records, with
+            ``to_html()`` and a notebook view.
         config: the decode config that produced this result.
     """
 

@@ -111,8 +111,7 @@ QWEN2_LAYER_NAMES: dict[str, str] = {
 class QwenNativeModel(NativeModel):
     """The checkpoint layout the Qwen-based families share (Dream, SDAR, Fast-dLLM v2).
 
-    HF names under ``model.layers.{i}.`` with
-    [`QWEN2_LAYER_NAMES`][dlm_decode.models.dream.QWEN2_LAYER_NAMES], ``<|im_end|>`` as
+    HF names under ``model.layers.{i}.`` with ``QWEN2_LAYER_NAMES``, ``<|im_end|>`` as
     end of turn (151645 beside ``<|endoftext|>`` 151643) and transformers'
     ``Qwen2Tokenizer`` classes. Subclasses add the config reader and presets.
     """
