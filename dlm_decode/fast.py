@@ -304,7 +304,7 @@ class FastDecoder(Decoder):
     # -- the loop's stages over the static buffers ------------------------------------
     def _begin(self, ids: torch.Tensor, am: torch.Tensor | None) -> DecodeRun:
         bsz, p = ids.shape
-        total = p + self.config.gen_length
+        total = self.block_layout(p)[2]  # P + gen_length, or up to the grid's end
         st = self._state_for(bsz, total, am is not None)
         st.load(
             ids.to(self.model.device),

@@ -402,3 +402,14 @@ def test_greedy_head_is_the_previous_blocks_last_logit(fd64):
     rows = fd64.forward(seq)  # (1, T, V): block-causal, so row s - 1 sees blocks < s / 32
     for s in (64, 96):
         assert int(seq[0, s]) == int(rows[0, s - 1].argmax())
+
+
+@pytest.mark.parametrize("cache", ["none", "block"])
+def test_fast_decoder_equals_decoder_with_sub_blocks_and_the_greedy_head(fd64, cache):
+    from dlm_decode.fast import FastDecoder
+
+    prompts = [random_ids(n, seed=n)[0] for n in (37, 50)]  # ragged: left padding
+    kw = dict(policy="threshold", gen_length=40, block_length=SUB, early_stop=False)
+    want = Decoder(fd64, cache=cache, **kw).generate(prompts)
+    got = FastDecoder(fd64, cache=cache, **kw).generate(prompts)
+    assert torch.equal(got.sequences, want.sequences) and got.nfe == want.nfe
