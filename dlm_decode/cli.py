@@ -47,7 +47,7 @@ class CLIError(Exception):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="tiny, a local folder, or a hub id")
+    p.add_argument("--model", default="tiny", help="tiny, tiny-bd, a local folder, or a hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if any)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64")
     p.add_argument(
@@ -60,8 +60,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache",
-        default=DecodeConfig.model_fields["cache"].default,
-        help="none, prefix, dual or a plugin's (dlm-decode plugins --kind cache)",
+        default=None,
+        help="none, prefix, dual, block or a plugin's (dlm-decode plugins --kind cache); "
+        f"default: the model's preferred cache (block for block-diffusion models), else "
+        f"{DecodeConfig.model_fields['cache'].default}",
     )
     p.add_argument(
         "--cache-arg", action="append", default=[], metavar="K=V", help="cache parameter"
@@ -126,7 +128,22 @@ def decode_settings(args: argparse.Namespace, **over: Any) -> Resolved:
 
 
 def _cache_ref(args: argparse.Namespace) -> CacheRef:
-    return CacheRef(name=args.cache, args=parse_args(args.cache_arg, "--cache-arg"))
+    name = args.cache or DecodeConfig.model_fields["cache"].default
+    return CacheRef(name=name, args=parse_args(args.cache_arg, "--cache-arg"))
+
+
+def adopt_preferred_cache(args: argparse.Namespace, model: Any) -> bool:
+    """Set ``args.cache`` to the model's
+    [`preferred_cache`][dlm_decode.interfaces.Model] when ``--cache`` was not given.
+
+    Returns:
+        Whether the cache changed (the caller resolves its settings again).
+    """
+    preferred = getattr(model, "preferred_cache", None)
+    if args.cache is not None or not preferred:
+        return False
+    args.cache = preferred
+    return preferred != DecodeConfig.model_fields["cache"].default
 
 
 def _settings_line(settings: Resolved) -> str:
@@ -173,13 +190,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"--image {missing[0]!r} is not a file; give the path of a PNG or JPEG")
     settings = decode_settings(args, trace=args.trace or html is not None)
     model = _load(args)
+    if adopt_preferred_cache(args, model):
+        settings = decode_settings(args, trace=args.trace or html is not None)
     if images:
-        if not hasattr(model, "chat_prompt"):
+        if not model.accepts_images:
             raise CLIError(
                 f"--image needs a multimodal model (llada_v); {args.model!r} is a "
                 f"{type(model).__name__}, which takes text only"
             )
-        ids: Any = [model.chat_prompt(args.prompt, images=images)]
+        ids: Any = [model.image_prompt(args.prompt, images)]
     else:
         chat = None if args.chat == "auto" else args.chat == "yes"
         ids = encode_prompts(model, [args.prompt], chat=chat)
@@ -269,6 +288,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out_f = open_rows_file(args.output, inputs=[args.data]) if args.output else None
     try:
         model = _load(args)
+        if adopt_preferred_cache(args, model):
+            settings = decode_settings(args)
         tags = {"settings": settings.describe()}
 
         def on_row(row: dict[str, Any]) -> None:
@@ -360,6 +381,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     rows = quickstart_settings(args)
     plot = plot_path(args.plot)
     model = _load(args)
+    if adopt_preferred_cache(args, model):
+        rows = quickstart_settings(args)
     task = get_task("synthetic")
     samples = load_samples(task, args.limit, what="--limit")
     results = []
@@ -372,23 +395,24 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         f"cache={rows[0][1].cache_ref.label}, gen_length={args.gen_length}, "
         f"block_length={args.block_length}",
         "",
-        "| setting | accuracy | tokens/s | NFE/sample | tokens/NFE | speed-up |",
-        "|---|---|---|---|---|---|",
+        "| setting | accuracy | tokens/s | NFE/sample | token-forwards/sample | tokens/NFE "
+        "| speed-up |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, s in results:
         lines.append(
             f"| {label} | {s['accuracy']:.3f} | {s['tokens_per_s']:.1f} | "
-            f"{s['nfe_per_sample']:.1f} | {s['tokens_per_nfe']:.2f} | "
-            f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x |"
+            f"{s['nfe_per_sample']:.1f} | {s['token_forwards_per_sample']:.0f} | "
+            f"{s['tokens_per_nfe']:.2f} | {s['tokens_per_s'] / base['tokens_per_s']:.2f}x |"
         )
     print("\n".join(lines))
     if plot is not None:
-        _quickstart_plot(results, plot)
+        _quickstart_plot(results, plot, f"{args.model} model")
         print(f"\nplot: {plot}")
     return 0
 
 
-def _quickstart_plot(results: list[tuple[str, dict[str, Any]]], path: Path) -> None:
+def _quickstart_plot(results: list[tuple[str, dict[str, Any]]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -407,7 +431,7 @@ def _quickstart_plot(results: list[tuple[str, dict[str, Any]]], path: Path) -> N
     ax.margins(x=0.15, y=0.15)
     ax.set_xlabel("tokens/s (response tokens)")
     ax.set_ylabel("exact match")
-    ax.set_title("tiny model, synthetic held-out: throughput vs accuracy")
+    ax.set_title(f"{title}, synthetic held-out: throughput vs accuracy")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

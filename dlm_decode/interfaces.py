@@ -456,6 +456,12 @@ class Model(ABC):
             full bidirectional (the default) or block-causal with a block size. The
             Decoder aligns its blocks to a block-causal model's grid, and ``forward``
             applies the pattern in every call (with or without a KV buffer).
+        preferred_cache: the cache plugin the CLI uses for this model when ``--cache``
+            is not given (``None``: the [`DecodeConfig`][dlm_decode.config.DecodeConfig]
+            default). Block-causal models name ``block``, their exact cache.
+        accepts_images: the model takes image prompts
+            ([`image_prompt`][dlm_decode.interfaces.Model.image_prompt]); multimodal
+            tasks and ``generate --image`` check it before any work.
     """
 
     name: ClassVar[str]
@@ -474,6 +480,25 @@ class Model(ABC):
     logits_shift: int = 0
     tokenizer: Any = None
     attention: AttentionPattern = FULL_ATTENTION
+    preferred_cache: ClassVar[str | None] = None
+    accepts_images: ClassVar[bool] = False
+
+    def image_prompt(self, text: str, images: Sequence[Any] = ()) -> MultimodalPrompt:
+        """The prompt for a question about images, in the model's own chat format.
+
+        Only a model that declares ``accepts_images`` implements it.
+
+        Args:
+            text: the user's question.
+            images: ``PIL.Image`` objects or image paths.
+
+        Raises:
+            ValueError: the model takes text only.
+        """
+        raise ValueError(
+            f"{type(self).__name__} takes text prompts only; image prompts need a "
+            f"multimodal model (one with accepts_images, such as llada_v)"
+        )
 
     @classmethod
     @abstractmethod

@@ -84,3 +84,17 @@ def test_policy_needing_steps_names_the_option(
 ) -> None:
     assert cli.main(["generate", "--policy", "fixed", "x"]) == 2
     assert "needs --steps" in capsys.readouterr().err
+
+
+def test_a_model_s_preferred_cache_applies_only_without_cache() -> None:
+    class BlockModel:
+        preferred_cache = "block"
+
+    args = types.SimpleNamespace(cache=None, cache_arg=[])
+    assert cli._cache_ref(args).name == "dual"  # before the model is known
+    assert cli.adopt_preferred_cache(args, BlockModel()) and args.cache == "block"
+    assert cli._cache_ref(args).name == "block"
+    named = types.SimpleNamespace(cache="prefix", cache_arg=[])
+    assert not cli.adopt_preferred_cache(named, BlockModel()) and named.cache == "prefix"
+    plain = types.SimpleNamespace(cache=None, cache_arg=[])
+    assert not cli.adopt_preferred_cache(plain, object()) and plain.cache is None

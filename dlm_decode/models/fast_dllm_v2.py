@@ -76,6 +76,7 @@ class FastDLLMv2Model(QwenNativeModel):
     name: ClassVar[str] = "fast_dllm_v2"
     config_model_types: ClassVar[tuple[str, ...]] = ("Fast_dLLM_Qwen", "fast_dllm_v2")
     logits_shift = 1
+    preferred_cache: ClassVar[str | None] = "block"
     block_head_greedy: ClassVar[bool] = True
 
     #: ``fast-dllm-v2-7b``: the released Fast_dLLM_v2_7B shape (random weights for the GPU

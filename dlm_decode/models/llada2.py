@@ -561,6 +561,7 @@ class LLaDA2Model(NativeModel):
     name: ClassVar[str] = "llada2_moe"
     config_model_types: ClassVar[tuple[str, ...]] = ("llada2_moe", "llada2_moe_veomni")
     logits_shift = 0
+    preferred_cache: ClassVar[str | None] = "block"
     module_class = LLaDA2Transformer
 
     global_names: ClassVar[Mapping[str, str]] = {

@@ -96,6 +96,7 @@ class SDARModel(QwenNativeModel):
     name: ClassVar[str] = "sdar"
     config_model_types: ClassVar[tuple[str, ...]] = ("sdar",)
     logits_shift = 0
+    preferred_cache: ClassVar[str | None] = "block"
 
     layer_names: ClassVar[Mapping[str, str]] = QWEN_LAYER_NAMES
     #: ``sdar-4b`` / ``sdar-8b``: the released SDAR-4B/8B-Chat shapes (random weights for the
