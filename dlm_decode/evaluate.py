@@ -10,6 +10,7 @@ import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,11 +26,14 @@ from dlm_decode.tasks.common import truncate_at
 __all__ = [
     "ROW_TIMING_FIELDS",
     "EvalResult",
+    "check_accepts_images",
     "check_task_options",
     "decode_and_score",
     "encode_prompts",
+    "encode_samples",
     "evaluate",
     "get_task",
+    "image_label",
     "reference_token_counts",
     "row_commits",
     "row_latency_share",
@@ -113,6 +117,44 @@ def encode_prompts(model: Model, texts: Sequence[str], chat: bool | None = None)
         else:
             out.append(tok.encode(t, add_special_tokens=True))
     return out
+
+
+def encode_samples(model: Model, samples: Sequence[Sample], chat: bool | None = None) -> list[Any]:
+    """The prompts of a batch of samples: token ids, or, when any sample has images,
+    one [`MultimodalPrompt`][dlm_decode.interfaces.MultimodalPrompt] per sample from the
+    model's [`image_prompt`][dlm_decode.interfaces.Model.image_prompt] (a text-only sample
+    of such a batch gets one with no image).
+
+    Raises:
+        ValueError: images for a model that takes text only, or a model without a tokenizer.
+    """
+    if not any(s.images for s in samples):
+        return encode_prompts(model, [s.prompt for s in samples], chat=chat)
+    check_accepts_images(model, samples)
+    return [model.image_prompt(s.prompt, s.images) for s in samples]
+
+
+def check_accepts_images(model: Model, samples: Sequence[Sample]) -> None:
+    """Refuse image samples for a text-only model, before any decoding.
+
+    Raises:
+        ValueError: one line naming the first image sample and the model.
+    """
+    first = next((s for s in samples if s.images), None)
+    if first is not None and not getattr(model, "accepts_images", False):
+        raise ValueError(
+            f"sample {first.id!r} has {len(first.images)} image(s) but "
+            f"{type(model).__name__} takes text only; evaluate a multimodal task with a "
+            f"model that accepts images (llada_v)"
+        )
+
+
+def image_label(image: Any) -> str:
+    """How a row names an image: its path, or ``<image W×H>`` for an in-memory one."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    size = getattr(image, "size", None)
+    return f"<image {size[0]}x{size[1]}>" if isinstance(size, tuple) else "<image>"
 
 
 @dataclass
@@ -246,6 +288,7 @@ def evaluate(
         check_unique_ids(todo, task.name)
     else:
         todo = load_samples(task, limit)
+    check_accepts_images(model, todo)
     decoder = Decoder(model, config)
     rows: list[dict[str, Any]] = []
     wall = 0.0
@@ -305,7 +348,7 @@ def decode_and_score(
         seconds.
     """
     model = decoder.model
-    prompts = encode_prompts(model, [s.prompt for s in samples], chat=task_uses_chat(task, model))
+    prompts = encode_samples(model, samples, chat=task_uses_chat(task, model))
     t0 = time.perf_counter()
     res = decoder.generate(prompts)
     dt = time.perf_counter() - t0
@@ -333,6 +376,8 @@ def decode_and_score(
             "edits": int(res.edit_counts[:, j].sum()),
             "remasks": int(res.remask_counts[:, j].sum()),
         }
+        if s.images:
+            row["images"] = [image_label(im) for im in s.images]
         row.update({k: v for k, v in scores[j].items() if k not in row})
         row["correct"] = bool(scores[j].get("correct", False))
         rows.append(row)

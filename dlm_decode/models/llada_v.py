@@ -374,6 +374,7 @@ class LLaDAVModel(NativeModel):
 
     name: ClassVar[str] = "llada_v"
     config_model_types: ClassVar[tuple[str, ...]] = ("llava_llada",)
+    accepts_images: ClassVar[bool] = True
     logits_shift = 0
 
     global_names: ClassVar[Mapping[str, str]] = {
@@ -886,6 +887,12 @@ class LLaDAVModel(NativeModel):
         ]
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return MultimodalPrompt(split_image_tokens(text, tok), tuple(images))
+
+    def image_prompt(self, text: str, images: Sequence[Any] = ()) -> MultimodalPrompt:
+        """[`Model.image_prompt`][dlm_decode.interfaces.Model.image_prompt]: the
+        [`chat_prompt`][dlm_decode.models.llada_v.LLaDAVModel.chat_prompt] with its default
+        system turn."""
+        return self.chat_prompt(text, images)
 
     # -- the Model contract -----------------------------------------------------------
     def forward(self, ids: torch.Tensor, **kwargs: Any) -> Any:

@@ -19,12 +19,16 @@ class Sample:
         prompt: the prompt text (before any chat template).
         reference: the gold answer (or tests) the scorer compares against.
         meta: anything else the scorer needs (family, test code, …).
+        images: the prompt's images (paths or ``PIL.Image`` objects) for a multimodal
+            task; the evaluation builds the prompt with the model's
+            [`image_prompt`][dlm_decode.interfaces.Model.image_prompt]. Empty for text.
     """
 
     id: str
     prompt: str
     reference: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    images: tuple[Any, ...] = ()
 
 
 class Task(ABC):
