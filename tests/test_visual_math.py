@@ -268,3 +268,26 @@ def test_a_text_model_refuses_an_image_task_before_decoding(mathverse_file) -> N
     with pytest.raises(ValueError, match="takes text only") as err:
         evaluate(model, task, DecodeConfig(policy="threshold"), progress=False)
     assert "\n" not in str(err.value) and "mathverse/1" in str(err.value)
+
+
+def test_the_hub_path_takes_decoded_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``datasets`` gives MathVista's figure as ``decoded_image`` (a PIL image) beside the
+    ``image`` path string; the hub branch uses the decoded one."""
+    import dlm_decode.tasks.visual_math as vm
+
+    figure = Image.new("RGB", (16, 8))
+    recs = [{"pid": "5", "question": "q?", "image": "images/5.jpg", "decoded_image": figure}]
+    recs[0].update(answer="3", question_type="free_form", answer_type="integer")
+    asked = []
+
+    def fake_hub(dataset, config, splits, *, task):
+        asked.append((dataset, config, tuple(splits), task))
+        return {"testmini": recs}
+
+    monkeypatch.setattr(vm, "load_hub", fake_hub)
+    (sample,) = MathVistaTask().samples()
+    assert asked == [("AI4Math/MathVista", None, ("testmini",), "mathvista")]
+    assert sample.images == (figure,) and sample.id == "mathvista/5"
+    monkeypatch.setattr(vm, "load_hub", lambda *a, **k: {"testmini": [dict(recs[0])]})
+    with pytest.raises(TaskDataError, match="not found"):  # MathVerse reads only "image"
+        MathVerseTask().samples()
