@@ -6,14 +6,15 @@ plugin.
 * [`dlm_decode.caches.refresh`][dlm_decode.caches.refresh]: ``vicinity`` (dInfer), ``dkv``
   (dKV-Cache) and ``drift`` (hidden-state drift), on cache contract v2;
 * [`dlm_decode.caches.block`][dlm_decode.caches.block]: ``block``, the exact cache of
-  block-causal models (SDAR, Fast-dLLM v2).
+  block-causal models (SDAR, Fast-dLLM v2), and ``subblock``, with Fast-dLLM v2's
+  approximate sub-block cache on top.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from dlm_decode.caches.block import BlockCache
+from dlm_decode.caches.block import BlockCache, SubBlockCache
 from dlm_decode.caches.fastdllm import DualCache, NoCache, PrefixCache
 from dlm_decode.caches.refresh import DKVCache, DriftCache, VicinityCache
 from dlm_decode.hookspecs import hookimpl
@@ -25,6 +26,7 @@ __all__ = [
     "DualCache",
     "NoCache",
     "PrefixCache",
+    "SubBlockCache",
     "VicinityCache",
     "register_caches",
 ]
@@ -37,6 +39,7 @@ BUILTIN_CACHES = (
     DKVCache,
     DriftCache,
     BlockCache,
+    SubBlockCache,
 )
 """The built-in caches, in registration order."""
 

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+
 from dlm_decode.caches.common import block_logits
 from dlm_decode.interfaces import Cache, CacheContext
 
-__all__ = ["BlockCache"]
+__all__ = ["BlockCache", "SubBlockCache"]
 
 #: ``ctx.extra`` key of the number of leading positions whose K/V are final and stored.
 WRITTEN = "block.written"
@@ -99,3 +101,53 @@ class BlockCache(Cache):
         s = max(pattern.block_grid_start(block_start) - ctx.model.logits_shift, 0)
         e = min(max(block_end, -(-block_end // size) * size), x.shape[1])
         return block_logits(ctx, x, s, e, block_start, block_end, use_kv=True)
+
+
+#: ``ctx.extra`` key: the attention block whose K/V the last full forward wrote (``subblock``).
+SUB_CACHED = "subblock.grid"
+
+
+class SubBlockCache(BlockCache):
+    """``block`` plus Fast-dLLM v2's optional sub-block cache (``use_block_cache``).
+
+    For a ``block_length`` that divides the attention block (sub-blocks), a step runs the
+    whole attention block only when it must: at the attention block's first step, and
+    whenever some row's active sub-block still has a mask at its first position. Every
+    other step runs the sub-block's positions alone, over the cached K/V of the blocks
+    before and of the rest of its attention block as the last full forward left them (its
+    later sub-blocks as masks): an approximation inside the attention block, like the dual
+    cache, exact across blocks. That decision reads one flag from the device (a host sync).
+    For a shifted model the sub-block's first logit comes from its own output row, as in
+    NVlabs' ``batch_sample``: it is only used when that position is already decided in
+    every row. Whole blocks (``block_length`` a multiple of the attention block) decode as
+    with ``block``.
+    """
+
+    name: ClassVar[str] = "subblock"
+    exact: ClassVar[bool] = False
+
+    def setup(self, ctx: CacheContext, batch_size: int, total_length: int) -> None:
+        """``block``'s buffer, and no attention block cached yet."""
+        super().setup(ctx, batch_size, total_length)
+        ctx.extra[SUB_CACHED] = -1
+
+    def step(self, ctx, x, block_start, block_end):
+        if ctx.extra.get(FULL, False):
+            return super().step(ctx, x, block_start, block_end)
+        pattern = ctx.model.attention
+        grid = pattern.block_grid_start(block_start)
+        sub = block_end - block_start < pattern.block_size
+        first_masked = bool((x[:, block_start] == ctx.model.mask_token_id).any())
+        if not sub or ctx.extra[SUB_CACHED] != grid or first_masked:
+            ctx.extra[SUB_CACHED] = grid
+            return super().step(ctx, x, block_start, block_end)
+        out = ctx.model.forward(
+            x[:, block_start:block_end],  # (B, L)
+            start=block_start,
+            kv=ctx.kv,
+            attention_mask=ctx.attention_mask,
+            position_ids=ctx.position_ids[:, block_start:block_end],
+        )  # (B, L, V): row i predicts block_start + i + shift
+        if ctx.model.logits_shift:
+            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)  # the first row: a stand-in
+        return out

@@ -302,7 +302,14 @@ def test_matches_the_authors_modeling_code(fd64, fd_ref):
 # --------------------------------------------------------------------------------------
 
 
-def _batch_sample(ref, batch_sample, prompt: torch.Tensor, max_new: int, threshold: float):
+def _batch_sample(
+    ref,
+    batch_sample,
+    prompt: torch.Tensor,
+    max_new: int,
+    threshold: float,
+    use_block_cache: bool = False,
+):
     """NVlabs' ``batch_sample`` (greedy: temperature 0), without stop: ``stop_token=-1``
     (no id), so every row decodes ``max_new // 32`` blocks; the sequence it returns ends
     with the extra token its last ``update_past_key_values`` forward appends."""
@@ -321,7 +328,7 @@ def _batch_sample(ref, batch_sample, prompt: torch.Tensor, max_new: int, thresho
             mask_id=127,
             threshold=threshold,
             stop_token=-1,
-            use_block_cache=False,
+            use_block_cache=use_block_cache,
             temperature=0.0,
         )
     return torch.stack([out[i] for i in range(prompt.shape[0])])
@@ -413,3 +420,27 @@ def test_fast_decoder_equals_decoder_with_sub_blocks_and_the_greedy_head(fd64, c
     want = Decoder(fd64, cache=cache, **kw).generate(prompts)
     got = FastDecoder(fd64, cache=cache, **kw).generate(prompts)
     assert torch.equal(got.sequences, want.sequences) and got.nfe == want.nfe
+
+
+@needs_shared
+@pytest.mark.parametrize("prompt_len", [40, 64, 75])
+@pytest.mark.parametrize("threshold", [1.0, 0.05])
+def test_sub_block_cache_equals_batch_sample_with_use_block_cache(
+    fd64, fd_ref64, prompt_len, threshold
+):
+    """``subblock`` (the attention block run in full only when the sub-block's first
+    position is masked in some row) vs ``batch_sample(use_block_cache=True)``: token for
+    token, and fewer token-forwards than ``block``."""
+    ref, batch_sample = fd_ref64
+    prompt = random_ids(prompt_len, seed=prompt_len, batch=2)
+    want = _batch_sample(ref, batch_sample, prompt, 64, threshold, use_block_cache=True)
+    end = (prompt_len // BD + 64 // BD) * BD
+    gen = -(-(end - prompt_len) // SUB) * SUB
+    kw = dict(policy="threshold", policy_args={"threshold": threshold}, gen_length=gen)
+    kw.update(block_length=SUB, early_stop=False)
+    out = Decoder(fd64, cache="subblock", **kw).generate(prompt)
+    n = min(out.sequences.shape[1], end + 1)
+    assert torch.equal(out.sequences[:, :n], want[:, :n])
+    exact = Decoder(fd64, cache="block", **kw).generate(prompt)
+    assert out.token_forwards < exact.token_forwards  # sub-block-only steps were taken
+    assert out.nfe == exact.nfe or threshold < 1  # one token per step: the same steps

@@ -83,7 +83,16 @@ def restore_global_registry() -> Iterator[None]:
 def test_builtins_register_through_the_same_hooks_as_plugins() -> None:
     reg = Registry.build(builtin_plugins())
     assert reg.names("policy") == BUILTIN_POLICY_NAMES
-    assert reg.names("cache") == ["block", "dkv", "drift", "dual", "none", "prefix", "vicinity"]
+    assert reg.names("cache") == [
+        "block",
+        "dkv",
+        "drift",
+        "dual",
+        "none",
+        "prefix",
+        "subblock",
+        "vicinity",
+    ]
     for name in BUILTIN_POLICY_NAMES:
         assert reg.sources[("policy", name, 1)] == "dlm_decode.policies"
 
