@@ -34,7 +34,7 @@ not take the CUDA-graph fast path.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -54,9 +54,8 @@ from dlm_decode.models.sdar import qwen_head_layout
 from dlm_decode.models.transformer import (
     ArchSpec,
     RMSNorm,
+    Transformer,
     apply_rope,
-    block_causal_mask,
-    rope_cos_sin,
 )
 
 __all__ = [
@@ -385,11 +384,12 @@ class LLaDA2Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class LLaDA2Transformer(nn.Module):
+class LLaDA2Transformer(Transformer):
     """Embedding, ``n_layers`` [`LLaDA2Block`][dlm_decode.models.llada2.LLaDA2Block]s,
     final RMSNorm and LM head, with the
     [`Model.forward`][dlm_decode.interfaces.Model.forward] contract of the shared
-    [`Transformer`][dlm_decode.models.transformer.Transformer].
+    [`Transformer`][dlm_decode.models.transformer.Transformer] (its forward, with the
+    spec's partial ``rope_dim``).
 
     Internal parameter names: ``embed``, ``blocks.{i}.attn_norm``,
     ``blocks.{i}.attn.{qkv,q_norm,k_norm,o}``, ``blocks.{i}.mlp_norm``, then
@@ -402,87 +402,13 @@ class LLaDA2Transformer(nn.Module):
         dtype: dtype of the weights.
     """
 
-    def __init__(self, spec: LLaDA2Spec, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.d_model, dtype=dtype)
-        self.blocks = nn.ModuleList(LLaDA2Block(spec, i, dtype) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.d_model, spec.rms_norm_eps, dtype)
-        self.head = (
-            None
-            if spec.tie_embeddings
-            else nn.Linear(spec.d_model, spec.vocab_size, bias=False, dtype=dtype)
-        )
+    spec: LLaDA2Spec
 
-    def forward(
-        self,
-        ids: torch.Tensor,
-        *,
-        start: int = 0,
-        positions: torch.Tensor | None = None,
-        kv: KVBuffer | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        logits_rows: tuple[int, int] | None = None,
-        hidden_layers: Sequence[int] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """See [`Transformer.forward`][dlm_decode.models.transformer.Transformer.forward]
-        (the same arguments, less ``prompt_embeds``: the model is text only).
-
-        Returns:
-            ``(B, hi - lo, V)`` logits; with ``hidden_layers``, ``(logits, hidden)``.
-
-        Raises:
-            ValueError: inconsistent span, buffer or mask shapes.
-        """
-        spec = self.spec
-        b, s = ids.shape
-        dev = ids.device
-        if positions is not None:
-            if kv is None:
-                raise ValueError("positions need a KV buffer to scatter into")
-            if tuple(positions.shape) != (b, s):
-                raise ValueError(
-                    f"positions must be (B, S) = ({b}, {s}), got {tuple(positions.shape)}"
-                )
-            t = kv.max_length
-        elif kv is None:
-            if start != 0:
-                raise ValueError(f"start={start} needs a KV buffer; without one start must be 0")
-            t = s
-        else:
-            t = kv.max_length
-            if start < 0 or start + s > t:
-                raise ValueError(f"span [{start}, {start + s}) outside the KV buffer of {t}")
-        slots = positions if positions is not None else start + torch.arange(s, device=dev)
-        if position_ids is None:
-            position_ids = slots.expand(b, s)  # (B, S)
-        key_mask = None
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (b, t):
-                raise ValueError(
-                    f"attention_mask must be (B, T) = ({b}, {t}), got {tuple(attention_mask.shape)}"
-                )
-            key_mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
-        block = spec.block_size if spec.block_size is not None else t
-        mask = block_causal_mask(slots, t, block, key_mask, b)  # (B, 1, S, T)
-        lo, hi = logits_rows if logits_rows is not None else (0, s)
-        if not 0 <= lo <= hi <= s:
-            raise ValueError(f"logits_rows ({lo}, {hi}) outside the span of {s} rows")
-        wanted = {i % spec.n_layers for i in (hidden_layers or ())}
-        hidden: dict[int, torch.Tensor] = {}
-        x = self.embed(ids)  # (B, S, d)
-        cos, sin = rope_cos_sin(position_ids, spec.rope_dim, spec.rope_theta, x.dtype)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, mask, kv, i, start, positions)  # (B, S, d)
-            if i in wanted:
-                hidden[i] = x
-        if hidden_layers is not None:
-            hidden = {i: hidden[i % spec.n_layers] for i in hidden_layers}
-        x = self.norm(x[:, lo:hi])  # (B, hi-lo, d)
-        head = self.embed.weight if self.head is None else self.head.weight
-        logits = F.linear(x, head)  # (B, hi-lo, V)
-        return logits if hidden_layers is None else (logits, hidden)
+    def make_block(self, spec: ArchSpec, index: int, dtype: torch.dtype | None) -> nn.Module:
+        """A [`LLaDA2Block`][dlm_decode.models.llada2.LLaDA2Block]: dense MLP for the first
+        ``n_dense_layers`` layers, the mixture of experts after."""
+        assert isinstance(spec, LLaDA2Spec)
+        return LLaDA2Block(spec, index, dtype)
 
 
 #: Checkpoint names of a block's submodules (relative to ``model.layers.{i}.``); experts

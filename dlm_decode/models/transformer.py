@@ -121,6 +121,12 @@ class ArchSpec:
             return self.explicit_head_dim
         return self.d_model // self.n_heads
 
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of a head that RoPE rotates: all of them here (a partial-rotary
+        family's spec overrides it)."""
+        return self.head_dim
+
 
 def block_causal_mask(
     query_slots: torch.Tensor,
@@ -366,13 +372,19 @@ class Transformer(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.d_model, dtype=dtype)
-        self.blocks = nn.ModuleList(Block(spec, dtype) for _ in range(spec.n_layers))
+        self.blocks = nn.ModuleList(self.make_block(spec, i, dtype) for i in range(spec.n_layers))
         self.norm = RMSNorm(spec.d_model, spec.rms_norm_eps, dtype)
         self.head = (
             None
             if spec.tie_embeddings
             else nn.Linear(spec.d_model, spec.vocab_size, bias=False, dtype=dtype)
         )
+
+    def make_block(self, spec: ArchSpec, index: int, dtype: torch.dtype | None) -> nn.Module:
+        """Block ``index`` of the stack: a [`Block`][dlm_decode.models.transformer.Block];
+        a family with other blocks (mixture of experts) overrides it. A block is called as
+        ``block(x, cos, sin, mask, kv, layer, start, positions)``."""
+        return Block(spec, dtype)
 
     def forward(
         self,
@@ -458,7 +470,7 @@ class Transformer(nn.Module):
         rope_dtype = x.dtype
         if spec.rope_full_precision:
             rope_dtype = torch.promote_types(x.dtype, torch.float32)
-        cos, sin = rope_cos_sin(position_ids, spec.head_dim, spec.rope_theta, rope_dtype)
+        cos, sin = rope_cos_sin(position_ids, spec.rope_dim, spec.rope_theta, rope_dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, kv, i, start, positions)  # (B, S, d)
             if i in wanted:
