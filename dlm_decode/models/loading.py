@@ -23,6 +23,7 @@ from dlm_decode.models.checkpoint import check_finite, load_tokenizer, read_conf
 from dlm_decode.registry import BUILTIN_OWNER, get_registry
 
 __all__ = [
+    "SHIPPED_MODELS",
     "TINY_FOLDER",
     "build_model",
     "find_model_class",
@@ -35,6 +36,13 @@ __all__ = [
 
 #: Where the shipped tiny model lives inside the package.
 TINY_FOLDER = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+
+#: The shipped models by name: ``tiny`` (LLaDA layout, full attention) and ``tiny-bd``
+#: (SDAR layout, block diffusion), each with the training recipe that builds it.
+SHIPPED_MODELS: dict[str, tuple[Path, str]] = {
+    "tiny": (TINY_FOLDER, "experiments/tiny/train.py"),
+    "tiny-bd": (TINY_FOLDER.parent / "tiny_bd", "experiments/tiny_bd/train.py"),
+}
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -119,20 +127,23 @@ def preset_config(name: str) -> dict[str, Any]:
 
 
 def resolve_model_folder(name_or_path: str | Path) -> Path:
-    """The local folder for ``"tiny"``, a local path, or a Hugging Face hub id.
+    """The local folder for a shipped model (``"tiny"``, ``"tiny-bd"``; see
+    [`SHIPPED_MODELS`][dlm_decode.models.loading.SHIPPED_MODELS]), a local path, or a
+    Hugging Face hub id.
 
     Raises:
-        FileNotFoundError: ``"tiny"`` is not built yet, or a local-looking path does not
-            exist.
+        FileNotFoundError: a shipped model is not built yet, or a local-looking path does
+            not exist.
         OSError: a hub download failed (no network, unknown id, gated model).
     """
-    if str(name_or_path) == "tiny":
-        if not (TINY_FOLDER / "config.json").is_file():
+    if str(name_or_path) in SHIPPED_MODELS:
+        folder, recipe = SHIPPED_MODELS[str(name_or_path)]
+        if not (folder / "config.json").is_file():
             raise FileNotFoundError(
-                f"the tiny checkpoint is not built (no {TINY_FOLDER / 'config.json'}); "
-                f"build it with `python experiments/tiny/train.py`"
+                f"the {name_or_path} checkpoint is not built (no {folder / 'config.json'}); "
+                f"build it with `python {recipe}`"
             )
-        return TINY_FOLDER
+        return folder
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -195,7 +206,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     check_weights: bool = True,
 ) -> Model:
-    """Load a model: ``"tiny"``, a local checkpoint folder, or a Hugging Face hub id.
+    """Load a model: ``"tiny"`` / ``"tiny-bd"``, a local checkpoint folder, or a hub id.
 
     Every check that can fail runs before the weights are allocated where the problem is
     visible without them: ``config.json`` (valid JSON, an object, sizes and token ids that
@@ -204,9 +215,9 @@ def load_model(
     ``check_weights=False``.
 
     Args:
-        name_or_path: ``"tiny"`` (the packaged model), a folder in the Hugging Face layout
-            (``config.json``, ``model.safetensors`` or shards with an index, optional
-            tokenizer files), or a hub id such as ``GSAI-ML/LLaDA-8B-Instruct``.
+        name_or_path: ``"tiny"`` or ``"tiny-bd"`` (the packaged models), a folder in the
+            Hugging Face layout (``config.json``, ``model.safetensors`` or shards with an
+            index, optional tokenizer files), or a hub id such as ``GSAI-ML/LLaDA-8B-Instruct``.
         device: where to put the weights.
         dtype: weight dtype or its name; default the config's ``torch_dtype``, else float32
             on CPU and bfloat16 elsewhere.

@@ -39,7 +39,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import dlm_decode
 from dlm_decode.models.llada import LLADA_BLOCK_CONFIG, LLaDAModel
+from dlm_decode.models.native import NativeModel
 from dlm_decode.tasks.synthetic import (
     ALPHABET,
     SPECIAL_TOKENS,
@@ -270,7 +271,7 @@ def lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
 
 
 def evaluate(
-    model: LLaDAModel,
+    model: NativeModel,
     tokenizer: Any,
     n: int,
     gen_length: int,
@@ -315,8 +316,8 @@ def evaluate(
     }
 
 
-def save_checkpoint(model: LLaDAModel, config: dict[str, Any], folder: Path) -> None:
-    """Write ``config.json`` + ``model.safetensors`` (HF LLaDA names) + tokenizer files."""
+def save_checkpoint(model: NativeModel, config: dict[str, Any], folder: Path) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (the family's HF names) + tokenizer files."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     sd = {
@@ -326,9 +327,65 @@ def save_checkpoint(model: LLaDAModel, config: dict[str, Any], folder: Path) -> 
     build_tokenizer(folder)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Train, evaluate on the validation split, save the best checkpoint to ``--out``."""
-    args = parse_args(argv)
+#: ``loss(ids, t, gen)``: the loss of a ``(B, P + G)`` batch at ``(B,)`` mask rates.
+LossStep = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def llada_loss(module: torch.nn.Module, args: argparse.Namespace) -> LossStep:
+    """The LLaDA SFT loss of a batch: ``loss(ids, t)`` for ``(B, P + G)`` rows and ``(B,)``
+    mask rates (the objective in the module docstring, :func:`block_masks` included)."""
+    p, g, bsz = args.prompt_length, args.gen_length, args.batch
+
+    def loss_fn(
+        noisy: torch.Tensor,
+        target: torch.Tensor,
+        am: torch.Tensor,
+        pos: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> torch.Tensor:
+        logits = module(noisy, attention_mask=am, position_ids=pos, logits_rows=(p, p + g))
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        ).view(bsz, g)
+        return (ce * weight).sum() / (bsz * g)
+
+    compiled = compile_or_eager(loss_fn, args)
+
+    def step(ids: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        am = ids != PAD  # left padding is the only PAD
+        pos = (am.long().cumsum(-1) - 1).clamp(min=0)
+        ans = ids[:, p:]
+        masked, weight = block_masks(t, g, args.block_frac, gen)  # (B, G) each
+        noisy = ids.clone()
+        noisy[:, p:] = torch.where(masked, MASK, ans)
+        return compiled(noisy, ans, am, pos, weight)
+
+    return step
+
+
+def compile_or_eager(fn: Callable[..., torch.Tensor], args: argparse.Namespace):
+    """``fn`` under ``torch.compile`` (unless ``--no-compile``), falling back to eager the
+    first time compilation fails (a machine without a working compiler)."""
+    if args.no_compile:
+        return fn
+    compiled = torch.compile(fn)
+    state = {"fn": compiled}
+
+    def call(*a: Any) -> torch.Tensor:
+        try:
+            return state["fn"](*a)
+        except Exception as exc:
+            if state["fn"] is fn:
+                raise
+            tqdm.write(f"torch.compile failed ({exc!r:.200}); continuing without it")
+            state["fn"] = fn
+            return fn(*a)
+
+    return call
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Threads, seed and device (TF32 matmuls on a GPU)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -337,19 +394,40 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    tokenizer = build_tokenizer()
-    if args.init is not None:
-        config = json.loads((args.init / "config.json").read_text())
-        model = LLaDAModel.from_pretrained(str(args.init), dtype=torch.float32, device=device)
-    else:
-        config = model_config(args, len(tokenizer))
-        model = LLaDAModel.from_config(config, seed=args.seed, dtype=torch.float32, device=device)
-    model.tokenizer = tokenizer
+    return device
+
+
+def train_loop(
+    args: argparse.Namespace,
+    model: Any,
+    config: dict[str, Any],
+    loss_step: LossStep,
+    log_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Optimise ``model`` with ``loss_step``, select the best validation checkpoint, save it.
+
+    Shared by the tiny LLaDA model and ``tiny-bd`` (``experiments/tiny_bd/train.py``):
+    AdamW, the LR schedule of :func:`lr_at`, the seeded pool and batches, validation
+    decodes every ``--eval-every`` steps (with ``--eval-cache``), the best checkpoint
+    written to ``--out`` with ``training_log.json``.
+
+    Args:
+        args: the options of :func:`parse_args` (and the caller's own).
+        model: a native model (``model.module`` is trained in place).
+        config: its ``config.json``.
+        loss_step: ``loss(ids, t, gen)`` of a ``(B, P + G)`` batch and ``(B,)`` stratified
+            mask rates.
+        log_extra: entries added to the training log.
+
+    Returns:
+        The training log.
+    """
+    device = model.device
+    tokenizer = model.tokenizer
     module = model.module
     module.requires_grad_(True).train()
     n_params = sum(p.numel() for p in module.parameters())
-    print(f"tiny LLaDA: {n_params / 1e6:.2f} M parameters; config {config}", flush=True)
-
+    print(f"{config['model_type']}: {n_params / 1e6:.2f} M parameters; config {config}", flush=True)
     decay = [p for n, p in module.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in module.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -366,22 +444,6 @@ def main(argv: list[str] | None = None) -> None:
     rows = batches(pool, bsz, args.seed + 3)
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     strata = torch.arange(bsz, device=device) / bsz  # (B,)
-
-    def loss_fn(
-        noisy: torch.Tensor,
-        target: torch.Tensor,
-        am: torch.Tensor,
-        pos: torch.Tensor,
-        weight: torch.Tensor,
-    ) -> torch.Tensor:
-        logits = module(noisy, attention_mask=am, position_ids=pos, logits_rows=(p, p + g))
-        ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-        ).view(bsz, g)
-        return (ce * weight).sum() / (bsz * g)
-
-    step_fn = loss_fn if args.no_compile else torch.compile(loss_fn)
-
     where = (
         f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, TF32 matmuls)"
         if device.type == "cuda"
@@ -391,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "params": n_params,
         "machine": f"{platform.node()}: {where}, torch {torch.__version__}",
+        **(log_extra or {}),
         "evals": [],
         "losses": [],
     }
@@ -404,22 +467,9 @@ def main(argv: list[str] | None = None) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         ids = next(rows)  # (B, P + G)
-        am = ids != PAD  # left padding is the only PAD
-        pos = (am.long().cumsum(-1) - 1).clamp(min=0)
         u = (torch.rand((), generator=gen, device=device) + strata) % 1.0  # stratified
         t = args.eps + (1 - args.eps) * u  # (B,)
-        ans = ids[:, p:]
-        masked, weight = block_masks(t, g, args.block_frac, gen)  # (B, G) each
-        noisy = ids.clone()
-        noisy[:, p:] = torch.where(masked, MASK, ans)
-        try:
-            loss = step_fn(noisy, ans, am, pos, weight)
-        except Exception as exc:  # torch.compile unavailable/broken here: train eagerly
-            if step_fn is loss_fn:
-                raise
-            tqdm.write(f"torch.compile failed ({exc!r:.200}); continuing without it")
-            step_fn = loss_fn
-            loss = step_fn(noisy, ans, am, pos, weight)
+        loss = loss_step(ids, t, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -433,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         last = step == args.steps - 1 or elapsed > args.max_minutes
         if (step + 1) % args.eval_every == 0 or last:
             save_checkpoint(model, config, args.run_dir)
+            module.eval()
             try:
                 res = evaluate(
                     model,
@@ -446,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as exc:  # a broken plugin must not kill the run
                 tqdm.write(f"[eval step {step + 1}] failed: {exc!r}")
                 res = {"error": repr(exc)}
+            module.train()
             res.update(step=step + 1, minutes=round(elapsed, 2), loss=round(float(ema), 5))
             log["evals"].append(res)
             if "overall" in res:
@@ -475,6 +527,22 @@ def main(argv: list[str] | None = None) -> None:
         f"saved {args.out} after {log['steps_done']} steps, {log['train_minutes']} min; "
         f"selected {log.get('selected')}"
     )
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train, evaluate on the validation split, save the best checkpoint to ``--out``."""
+    args = parse_args(argv)
+    device = setup(args)
+    tokenizer = build_tokenizer()
+    if args.init is not None:
+        config = json.loads((args.init / "config.json").read_text())
+        model = LLaDAModel.from_pretrained(str(args.init), dtype=torch.float32, device=device)
+    else:
+        config = model_config(args, len(tokenizer))
+        model = LLaDAModel.from_config(config, seed=args.seed, dtype=torch.float32, device=device)
+    model.tokenizer = tokenizer
+    train_loop(args, model, config, llada_loss(model.module, args))
 
 
 if __name__ == "__main__":
