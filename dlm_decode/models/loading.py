@@ -37,12 +37,13 @@ __all__ = [
 #: Where the shipped tiny model lives inside the package.
 TINY_FOLDER = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 
-#: The shipped models by name: ``tiny`` (LLaDA layout, full attention) and ``tiny-bd``
-#: (SDAR layout, block diffusion), each with the training recipe that builds it.
 SHIPPED_MODELS: dict[str, tuple[Path, str]] = {
     "tiny": (TINY_FOLDER, "experiments/tiny/train.py"),
     "tiny-bd": (TINY_FOLDER.parent / "tiny_bd", "experiments/tiny_bd/train.py"),
 }
+"""The shipped models by name, each with its folder and the training recipe that builds
+it: ``tiny`` (LLaDA layout, full attention) and ``tiny-bd`` (SDAR layout, block
+diffusion)."""
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
