@@ -45,6 +45,21 @@ WRITTEN = "block.written"
 FULL = "block.full"
 
 
+def cached_span(
+    ctx: CacheContext, x: torch.Tensor, lo: int, hi: int, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Forward ``x[:, lo:hi]`` writing its K/V into ``ctx.kv`` and attending over the
+    buffer; returns the output rows ``rows`` of the span (default all: ``(B, hi − lo, V)``)."""
+    return ctx.model.forward(
+        x[:, lo:hi],  # (B, S)
+        start=lo,
+        kv=ctx.kv,
+        attention_mask=ctx.attention_mask,
+        position_ids=ctx.position_ids[:, lo:hi],
+        logits_rows=rows,
+    )
+
+
 class BlockCache(Cache):
     """Exact K/V of every finished block; each step runs only the active block.
 
@@ -77,15 +92,9 @@ class BlockCache(Cache):
             head = block_start == grid and block_end - block_start <= shift <= grid - written
             lo = grid - written - shift
             ctx.extra[WRITTEN] = grid
-            out = ctx.model.forward(
-                x[:, written:grid],  # (B, S)
-                start=written,
-                kv=ctx.kv,
-                attention_mask=ctx.attention_mask,
-                position_ids=ctx.position_ids[:, written:grid],
-                # K/V only (no row goes through the head), or the head's rows
-                logits_rows=(lo, lo + block_end - block_start) if head else (0, 0),
-            )
+            # K/V only (no row goes through the head), or the head's rows
+            rows = (lo, lo + block_end - block_start) if head else (0, 0)
+            out = cached_span(ctx, x, written, grid, rows)
             if head:
                 return out  # (B, L, V)
         return self.step(ctx, x, block_start, block_end)
@@ -141,13 +150,7 @@ class SubBlockCache(BlockCache):
         if not sub or ctx.extra[SUB_CACHED] != grid or first_masked:
             ctx.extra[SUB_CACHED] = grid
             return super().step(ctx, x, block_start, block_end)
-        out = ctx.model.forward(
-            x[:, block_start:block_end],  # (B, L)
-            start=block_start,
-            kv=ctx.kv,
-            attention_mask=ctx.attention_mask,
-            position_ids=ctx.position_ids[:, block_start:block_end],
-        )  # (B, L, V): row i predicts block_start + i + shift
+        out = cached_span(ctx, x, block_start, block_end)  # (B, L, V): row i predicts i + shift
         if ctx.model.logits_shift:
             out = torch.cat([out[:, :1], out[:, :-1]], dim=1)  # the first row: a stand-in
         return out
