@@ -471,3 +471,27 @@ def test_fast_decoder_and_traces_take_image_prompts(tiny):
     )
     assert torch.equal(fast.generate(p).sequences, ref.sequences)  # image after text
     assert len(ref.trace) == ref.nfe
+
+
+@pytest.mark.parametrize("policy", ["threshold", "factor", "frechet"])
+def test_every_registered_cache_decodes_an_image_prompt(tiny, policy):
+    """Every cache × the three rules on a batch of image prompts: each decode finishes (no
+    mask left), batched rows equal each prompt alone, and a cache that declares itself
+    exact commits what ``none`` does. The hook parity tests above cover the one cache the
+    authors' hook has (prefix, refreshed every k steps)."""
+    from dlm_decode.registry import get_registry
+
+    prompts = [
+        MultimodalPrompt([5, 6, IMAGE_PLACEHOLDER, 7, 8], [_image(50, 30, 0)]),
+        MultimodalPrompt([9, IMAGE_PLACEHOLDER, 3], [_image(20, 44, 1)]),
+    ]
+    base = _decode(tiny, prompts, policy=policy, cache="none")
+    names = get_registry().names("cache")
+    assert {"none", "prefix", "dual", "block", "vicinity", "dkv", "drift"} <= set(names)
+    for name in names:
+        out = _decode(tiny, prompts, policy=policy, cache=name)
+        assert not (out.responses == tiny.mask_token_id).any(), name
+        alone = _decode(tiny, prompts[1:], policy=policy, cache=name)
+        assert torch.equal(out.responses[1], alone.responses[0]), name
+        if dlm_decode.get_cache(name).exact:  # an instance: prefix/dual decide by refresh_every
+            assert torch.equal(out.sequences, base.sequences), name
